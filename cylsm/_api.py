@@ -1,0 +1,647 @@
+"""The public functions: argument checks and normalisation, done once, here.
+
+The kernels (``_K``, chosen by ``cylsm._select``) see only clean buffers: C-contiguous, native
+float32/float64 (longdouble goes to the NumPy backend), laid out as (outer, n, inner) and reduced
+over the middle axis.  Reaching that layout costs no copy whenever the reduced axes are adjacent
+in the array's memory order (C, Fortran or any transpose of them); otherwise the data is copied
+once into an order where they are.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from types import ModuleType
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from . import _python, _select
+
+try:
+    from numpy.exceptions import AxisError
+except ImportError:  # NumPy < 1.25
+    from numpy import AxisError  # type: ignore[attr-defined,no-redef]
+
+_K: ModuleType = _select.choose()
+
+AxisLike = Union[int, Sequence[int], None]
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _array(a: Any, fname: str, argname: str) -> np.ndarray:
+    arr = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(
+            f"cylsm.{fname}: {argname} has dtype {arr.dtype}, which is not supported; expected "
+            "real floating-point (float16, float32, float64, longdouble), integer or boolean "
+            "values (integers and booleans are computed in float64)"
+        )
+    return arr
+
+
+def _result_dtype(fname: str, *arrays: np.ndarray, dtype: Any = None) -> np.dtype:
+    if dtype is not None:
+        d = np.dtype(dtype)
+        if d.kind != "f":
+            raise TypeError(
+                f"cylsm.{fname}: dtype={d} is not a floating-point dtype; expected float16, "
+                "float32, float64 or longdouble"
+            )
+    else:
+        d = np.result_type(*arrays)
+        if d.kind != "f":
+            d = np.dtype(np.float64)
+    return np.dtype(d.type)  # native byte order
+
+
+def _compute_dtype(d: np.dtype) -> np.dtype:
+    return np.dtype(np.float32) if d == np.float16 else d
+
+
+def _kernels(cdt: np.dtype) -> ModuleType:
+    return _python if cdt.type is np.longdouble else _K
+
+
+def _axes(axis: AxisLike, ndim: int, fname: str) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    items = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    result = []
+    for a in items:
+        if isinstance(a, (bool, np.bool_)):
+            raise TypeError(f"cylsm.{fname}: axis must be an integer, a tuple of integers or None, not {a!r}")
+        try:
+            i = operator.index(a)
+        except TypeError:
+            raise TypeError(
+                f"cylsm.{fname}: axis must be an integer, a tuple of integers or None, "
+                f"not {type(a).__name__}"
+            ) from None
+        if not -ndim <= i < ndim:
+            raise AxisError(i, ndim, f"cylsm.{fname}")
+        result.append(i % ndim)
+    if len(set(result)) != len(result):
+        raise ValueError(f"cylsm.{fname}: repeated axis in axis={axis!r}")
+    return tuple(sorted(result))
+
+
+def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, fname: str) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"cylsm.{fname}: out must be a numpy.ndarray, not {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"cylsm.{fname}: out has shape {out.shape}; the result has shape {shape}")
+    if out.dtype != dtype:
+        raise ValueError(
+            f"cylsm.{fname}: out has dtype {out.dtype}; the result has dtype {dtype} "
+            "(pass dtype= to choose another result dtype)"
+        )
+    if not out.flags.writeable:
+        raise ValueError(f"cylsm.{fname}: out is read-only; pass a writable array")
+    return out
+
+
+def _mask(where: Any, shape: tuple[int, ...], fname: str) -> np.ndarray | None:
+    """The ``where`` mask broadcast to ``shape``, or None when it masks nothing."""
+    if where is None:
+        return None
+    w = np.asarray(where)
+    if w.dtype != np.bool_:
+        raise TypeError(f"cylsm.{fname}: where must be a boolean array, not of dtype {w.dtype}")
+    try:
+        w = np.broadcast_to(w, shape)
+    except ValueError:
+        raise ValueError(
+            f"cylsm.{fname}: where has shape {w.shape}, which does not broadcast to the input "
+            f"shape {shape}"
+        ) from None
+    return None if w.all() else w
+
+
+def _same_shape(fname: str, a: np.ndarray, aname: str, b: np.ndarray, bname: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"cylsm.{fname}: {aname} has shape {a.shape} but {bname} has shape {b.shape}; "
+            "they must be equal"
+        )
+
+
+def _is_same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+    )
+
+
+def _out_usable(out: np.ndarray | None, cdt: np.dtype, inputs: Sequence[np.ndarray],
+                in_place_ok: bool) -> bool:
+    """Can the kernel write straight into ``out``?  (Else it writes a temporary that is copied.)"""
+    if out is None or out.dtype != cdt:
+        return False
+    for a in inputs:
+        if np.may_share_memory(out, a) and not (in_place_ok and _is_same_buffer(out, a)):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: an axis order in which the array is C-contiguous and the reduced axes are adjacent.
+
+
+def _c_order(a: np.ndarray) -> list[int] | None:
+    """A permutation p with a.transpose(p) C-contiguous, or None."""
+    nd = a.ndim
+    if a.flags.c_contiguous:
+        return list(range(nd))
+    if a.flags.f_contiguous:
+        return list(range(nd))[::-1]
+    p = sorted(range(nd), key=lambda i: -abs(a.strides[i]))
+    return p if a.transpose(p).flags.c_contiguous else None
+
+
+class _Layout:
+    """The (outer, n, inner) view of arrays of ``shape`` reduced over ``axes``."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], order: list[int] | None):
+        p = order if order is not None else list(range(len(shape)))
+        pos = [p.index(a) for a in axes]
+        if pos and pos[-1] - pos[0] + 1 != len(pos):      # not adjacent: reduced axes go last
+            p = [a for a in p if a not in axes] + [a for a in p if a in axes]
+            pos = list(range(len(p) - len(axes), len(p)))
+        a0 = pos[0] if pos else len(p)
+        a1 = pos[-1] + 1 if pos else len(p)
+        pshape = [shape[a] for a in p]
+        self.perm = p
+        self.inverse = list(np.argsort(p))
+        self.outer = math.prod(pshape[:a0])
+        self.n = math.prod(pshape[a0:a1])
+        self.inner = math.prod(pshape[a1:])
+        self.pshape = pshape
+        self.reduced_pshape = [1 if i in range(a0, a1) else s for i, s in enumerate(pshape)]
+
+    def fits(self, a: np.ndarray) -> bool:
+        return bool(a.transpose(self.perm).flags.c_contiguous)
+
+    def three(self, a: np.ndarray, cdt: np.dtype) -> np.ndarray:
+        """``a`` (full shape) as a C-contiguous (outer, n, inner) array: a view when it can be."""
+        t = np.ascontiguousarray(a.transpose(self.perm), dtype=cdt)
+        return t.reshape(self.outer, self.n, self.inner)
+
+    def empty(self, cdt: np.dtype) -> np.ndarray:
+        """A new array of the full shape that fits this layout."""
+        return np.empty(self.pshape, cdt).transpose(self.inverse)
+
+    def two(self, r: np.ndarray, cdt: np.dtype) -> np.ndarray:
+        """``r`` (keepdims shape of the reduction) as a C-contiguous (outer, inner) array."""
+        t = np.ascontiguousarray(r.transpose(self.perm), dtype=cdt)
+        return t.reshape(self.outer, self.inner)
+
+    def unreduce(self, r2: np.ndarray) -> np.ndarray:
+        """An (outer, inner) result as an array of the keepdims shape, in the original order."""
+        return r2.reshape(self.reduced_pshape).transpose(self.inverse)
+
+
+def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool) -> Any:
+    """Deliver a result computed in ``res``: into ``out``, or as a new array or NumPy scalar."""
+    if out is not None:
+        if res is not out:
+            np.copyto(out, res.reshape(out.shape), casting="unsafe")
+        return out
+    if res.dtype != rdt:
+        res = res.astype(rdt)
+    return res.reshape(())[()] if scalar else res
+
+
+# ---------------------------------------------------------------------------------------------
+# log_softmax and softmax
+
+
+def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: Any,
+               fill: float) -> Any:
+    xa = _array(x, fname, "x")
+    rdt = _result_dtype(fname, xa, dtype=dtype)
+    cdt = _compute_dtype(rdt)
+    scalar = xa.ndim == 0
+    if out is not None:
+        _check_out(out, xa.shape, rdt, fname)
+    xv = xa.reshape(1) if scalar else xa
+    axes = _axes(axis, xv.ndim, fname)
+    mask = _mask(where, xv.shape, fname)
+    if xv.size == 0:
+        return _finish(np.empty(xv.shape, cdt), out, rdt, scalar)
+
+    outv = None if out is None else (out.reshape(1) if scalar else out)
+    direct = _out_usable(outv, cdt, [xv], in_place_ok=True)
+    layout = _Layout(xv.shape, axes, _c_order(outv if direct else xv))
+    if direct and not layout.fits(outv):
+        direct = False
+        layout = _Layout(xv.shape, axes, _c_order(xv))
+    res = outv if direct else layout.empty(cdt)
+    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    if mask is not None or xv.dtype != cdt or not layout.fits(xv):
+        np.copyto(res, xv, casting="unsafe")       # work in place in the result
+        if mask is not None:
+            np.copyto(res, -np.inf, where=~mask)
+        x3 = r3
+    else:
+        x3 = layout.three(xv, cdt)
+    getattr(_kernels(cdt), fname)(x3, r3)
+    if mask is not None:
+        np.copyto(res, fill, where=~mask)
+    return _finish(res, out, rdt, scalar)
+
+
+def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
+                dtype: Any = None, where: Any = None) -> Any:
+    """Logarithm of the softmax: ``x - logsumexp(x, axis, keepdims=True)``, computed exactly.
+
+    Parameters
+    ----------
+    x : array_like
+        Input values (real floating-point, integer or boolean).
+    axis : int, tuple of ints or None, optional
+        Axis or axes over which the softmax is normalised; default -1 (the last axis).
+        None means all axes.
+    out : ndarray, optional
+        Array of the result's shape and dtype to write into; may be ``x`` itself.
+    dtype : floating dtype, optional
+        Compute and return in this dtype (``x`` is cast first).
+    where : array_like of bool, optional
+        Entries that take part; the others are ``-inf`` in the result.  A fully masked row
+        gives ``-inf`` everywhere.
+
+    Returns
+    -------
+    ndarray or NumPy scalar
+        Same shape as ``x``; ``exp`` of it sums to 1 along ``axis``.
+
+    Notes
+    -----
+    With M the maximum and t the sum of ``exp(x_j - M)`` over all elements but the first
+    maximal one, ``log_softmax(x)_i = (x_i - M) - log1p(t)``.  Using ``log1p`` rather than
+    ``log(1 + t)`` keeps every element, the largest included, within a few ulp [1]_.
+
+    References
+    ----------
+    .. [1] P. Blanchard, D. J. Higham, N. J. Higham, "Accurately computing the log-sum-exp and
+       softmax functions", IMA J. Numer. Anal. 41(4), 2021. :doi:`10.1093/imanum/draa038`
+
+    Examples
+    --------
+    >>> import cylsm
+    >>> cylsm.log_softmax([1000.0, 1.0])
+    array([   0., -999.])
+    >>> cylsm.log_softmax([[0.0, 0.0], [1.0, 1.0]], axis=1)
+    array([[-0.69314718, -0.69314718],
+           [-0.69314718, -0.69314718]])
+    """
+    return _normalize("log_softmax", x, axis, out, dtype, where, -np.inf)
+
+
+def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
+            dtype: Any = None, where: Any = None) -> Any:
+    """Softmax: ``exp(x) / sum(exp(x), axis)``, without overflow.
+
+    Parameters
+    ----------
+    x : array_like
+        Input values (real floating-point, integer or boolean).
+    axis : int, tuple of ints or None, optional
+        Axis or axes to normalise over; default -1.  None means all axes.
+    out : ndarray, optional
+        Array of the result's shape and dtype to write into; may be ``x`` itself.
+    dtype : floating dtype, optional
+        Compute and return in this dtype (``x`` is cast first).
+    where : array_like of bool, optional
+        Entries that take part; the others are 0 in the result.  A fully masked row gives 0
+        everywhere (never NaN).
+
+    Returns
+    -------
+    ndarray or NumPy scalar
+        Same shape as ``x``, summing to 1 along ``axis``.
+
+    Notes
+    -----
+    ``softmax(x)_i = exp(x_i - M) / (1 + t)`` with M the maximum and t the sum of the other
+    terms [1]_.
+
+    References
+    ----------
+    .. [1] P. Blanchard, D. J. Higham, N. J. Higham, "Accurately computing the log-sum-exp and
+       softmax functions", IMA J. Numer. Anal. 41(4), 2021. :doi:`10.1093/imanum/draa038`
+
+    Examples
+    --------
+    >>> import cylsm
+    >>> cylsm.softmax([0.0, 0.0, 0.0, 0.0])
+    array([0.25, 0.25, 0.25, 0.25])
+    >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
+    array([0.26894142, 0.73105858, 0.        ])
+    """
+    return _normalize("softmax", x, axis, out, dtype, where, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# logsumexp
+
+
+def _broadcast(fname: str, x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        shape = np.broadcast_shapes(x.shape, b.shape)
+    except ValueError:
+        raise ValueError(
+            f"cylsm.{fname}: b has shape {b.shape}, which does not broadcast with x of shape "
+            f"{x.shape}"
+        ) from None
+    return np.broadcast_to(x, shape), np.broadcast_to(b, shape)
+
+
+def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
+    if keepdims:
+        return tuple(1 if i in axes else s for i, s in enumerate(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in axes)
+
+
+def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
+              out: np.ndarray | None = None, dtype: Any = None, b: Any = None,
+              return_sign: bool = False, where: Any = None) -> Any:
+    """Logarithm of the sum of exponentials, ``log(sum(b * exp(a), axis))``, without overflow.
+
+    Parameters
+    ----------
+    a : array_like
+        Input values (real floating-point, integer or boolean).
+    axis : int, tuple of ints or None, optional
+        Axis or axes to reduce; default None (all axes).
+    keepdims : bool, optional
+        Keep the reduced axes as dimensions of size one.
+    out : ndarray, optional
+        Array of the result's shape and dtype to write the value into.
+    dtype : floating dtype, optional
+        Compute and return in this dtype (``a`` is cast first).
+    b : array_like, optional
+        Weights, broadcast together with ``a`` (as in scipy).  Entries with ``b == 0`` take no
+        part, even where ``a`` is inf or NaN.  Negative weights are allowed.
+    return_sign : bool, optional
+        Return ``(log|s|, sign(s))`` instead of NaN for a negative sum ``s``.
+    where : array_like of bool, optional
+        Entries that take part; a fully masked reduction gives ``-inf``.
+
+    Returns
+    -------
+    ndarray or NumPy scalar, or a pair of them when ``return_sign`` is True.
+
+    Notes
+    -----
+    With M the maximum, ``logsumexp(a) = M + log1p(t)`` where t sums ``exp(a_j - M)`` over
+    all elements but one maximal one: results near 0 keep full relative accuracy [1]_.
+
+    References
+    ----------
+    .. [1] P. Blanchard, D. J. Higham, N. J. Higham, "Accurately computing the log-sum-exp and
+       softmax functions", IMA J. Numer. Anal. 41(4), 2021. :doi:`10.1093/imanum/draa038`
+
+    Examples
+    --------
+    >>> import cylsm
+    >>> float(cylsm.logsumexp([0.0, -40.0]))
+    4.248354255291589e-18
+    >>> cylsm.logsumexp([[1.0, 2.0], [3.0, 4.0]], axis=1)
+    array([2.31326169, 4.31326169])
+    >>> cylsm.logsumexp([1.0, 2.0], b=[1.0, -1.0], return_sign=True)
+    (np.float64(1.5413248546129181), np.float64(-1.0))
+    """
+    fname = "logsumexp"
+    xa = _array(a, fname, "a")
+    ba = None if b is None else _array(b, fname, "b")
+    rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
+    cdt = _compute_dtype(rdt)
+    if ba is not None:
+        xa, ba = _broadcast(fname, xa, ba)
+    scalar_in = xa.ndim == 0
+    xv = xa.reshape(1) if scalar_in else xa
+    bv = None if ba is None else (ba.reshape(1) if scalar_in else ba)
+    axes = _axes(axis, xv.ndim, fname)
+    rshape = () if scalar_in else _reduced_shape(xv.shape, axes, keepdims)
+    if out is not None:
+        _check_out(out, rshape, rdt, fname)
+    mask = _mask(where, xv.shape, fname)
+    weighted = bv is not None or return_sign
+    if weighted:
+        if bv is None:
+            bv = np.broadcast_to(np.ones((), cdt), xv.shape)
+        if mask is not None:
+            bv = np.where(mask, bv, 0)
+    elif mask is not None:
+        xv = np.where(mask, xv, -np.inf)
+
+    layout = _Layout(xv.shape, axes, _c_order(xv))
+    res2 = np.empty((layout.outer, layout.inner), cdt)
+    sign2 = np.empty_like(res2) if return_sign else None
+    if res2.size:
+        if layout.n == 0:
+            res2.fill(-np.inf)
+            if sign2 is not None:
+                sign2.fill(0)
+        elif weighted:
+            _kernels(cdt).logsumexp_weighted(
+                layout.three(xv, cdt), layout.three(bv, cdt), res2, sign2
+            )
+        else:
+            _kernels(cdt).logsumexp(layout.three(xv, cdt), res2)
+    value = layout.unreduce(res2).reshape(rshape)
+    result = _finish(value, out, rdt, rshape == () and out is None)
+    if not return_sign:
+        return result
+    assert sign2 is not None
+    sign = _finish(layout.unreduce(sign2).reshape(rshape), None, rdt, rshape == ())
+    return result, sign
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
+              where: Any) -> Any:
+    g = _array(grad, fname, "grad")
+    ya = _array(y, fname, yname)
+    _same_shape(fname, g, "grad", ya, yname)
+    rdt = _result_dtype(fname, g, ya)
+    cdt = _compute_dtype(rdt)
+    scalar = ya.ndim == 0
+    if out is not None:
+        _check_out(out, ya.shape, rdt, fname)
+    gv, yv = (g.reshape(1), ya.reshape(1)) if scalar else (g, ya)
+    axes = _axes(axis, yv.ndim, fname)
+    mask = _mask(where, yv.shape, fname)
+    if yv.size == 0:
+        return _finish(np.empty(yv.shape, cdt), out, rdt, scalar)
+    if mask is not None:                 # masked entries take no part in the sums
+        gv = np.where(mask, gv, 0)
+        if fname == "softmax_backward":
+            yv = np.where(mask, yv, 0)
+
+    outv = None if out is None else (out.reshape(1) if scalar else out)
+    layout = _Layout(yv.shape, axes, _c_order(yv))
+    direct = _out_usable(outv, cdt, [gv, yv], in_place_ok=True) and layout.fits(outv)
+    res = outv if direct else layout.empty(cdt)
+    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    getattr(_kernels(cdt), fname)(layout.three(gv, cdt), layout.three(yv, cdt), r3)
+    if mask is not None:
+        np.copyto(res, 0, where=~mask)
+    return _finish(res, out, rdt, scalar)
+
+
+def log_softmax_backward(grad: Any, y: Any, axis: AxisLike = -1, *,
+                         out: np.ndarray | None = None, where: Any = None) -> Any:
+    """Gradient of :func:`log_softmax`: ``grad - exp(y) * sum(grad, axis)``.
+
+    Parameters
+    ----------
+    grad : array_like
+        Upstream gradient dL/dy, of the shape of ``y``.
+    y : array_like
+        The forward result ``log_softmax(x, axis)``.
+    axis : int, tuple of ints or None, optional
+        The axis given to the forward call; default -1.
+    out : ndarray, optional
+        Array to write dL/dx into; may be ``grad`` or ``y``.
+    where : array_like of bool, optional
+        The mask given to the forward call: masked entries get gradient 0 and take no part in
+        the sum.
+
+    Returns
+    -------
+    ndarray or NumPy scalar
+        dL/dx, of the shape of ``y``.
+
+    Examples
+    --------
+    >>> import numpy as np, cylsm
+    >>> y = cylsm.log_softmax([0.0, 0.0])
+    >>> cylsm.log_softmax_backward(np.array([1.0, 0.0]), y)
+    array([ 0.5, -0.5])
+    """
+    return _backward("log_softmax_backward", grad, y, "y", axis, out, where)
+
+
+def softmax_backward(grad: Any, p: Any, axis: AxisLike = -1, *,
+                     out: np.ndarray | None = None, where: Any = None) -> Any:
+    """Gradient of :func:`softmax`: ``p * (grad - sum(grad * p, axis))``.
+
+    Parameters
+    ----------
+    grad : array_like
+        Upstream gradient dL/dp, of the shape of ``p``.
+    p : array_like
+        The forward result ``softmax(x, axis)``.
+    axis : int, tuple of ints or None, optional
+        The axis given to the forward call; default -1.
+    out : ndarray, optional
+        Array to write dL/dx into; may be ``grad`` or ``p``.
+    where : array_like of bool, optional
+        The mask given to the forward call: masked entries get gradient 0 and take no part in
+        the sum.
+
+    Returns
+    -------
+    ndarray or NumPy scalar
+        dL/dx, of the shape of ``p``.
+
+    Examples
+    --------
+    >>> import numpy as np, cylsm
+    >>> p = cylsm.softmax([0.0, 0.0])
+    >>> cylsm.softmax_backward(np.array([1.0, 0.0]), p)
+    array([ 0.25, -0.25])
+    """
+    return _backward("softmax_backward", grad, p, "p", axis, out, where)
+
+
+def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bool = False,
+                       b: Any = None, out: np.ndarray | None = None, where: Any = None) -> Any:
+    """Gradient of :func:`logsumexp`: ``grad * b * exp(x - logsumexp(x, b=b))``.
+
+    Parameters
+    ----------
+    grad : array_like
+        Upstream gradient, of the shape of the logsumexp result for this ``axis`` and
+        ``keepdims``.
+    x : array_like
+        The forward input (not the result: the gradient is formed from ``x - max`` so that it
+        stays accurate when ``|logsumexp(x)|`` is large).
+    axis : int, tuple of ints or None, optional
+        The axis given to the forward call; default None (all axes).
+    keepdims : bool, optional
+        Whether ``grad`` has the reduced axes as dimensions of size one.
+    b : array_like, optional
+        The weights given to the forward call (broadcastable to ``x``).
+    out : ndarray, optional
+        Array of the shape of ``x`` to write dL/dx into; may be ``x``.
+    where : array_like of bool, optional
+        The mask given to the forward call: masked entries get gradient 0.
+
+    Returns
+    -------
+    ndarray or NumPy scalar
+        dL/dx, of the shape of ``x``.  A reduction whose logsumexp is -inf gets exactly 0.
+
+    Examples
+    --------
+    >>> import cylsm
+    >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
+    array([0.5, 0.5])
+    """
+    fname = "logsumexp_backward"
+    xa = _array(x, fname, "x")
+    g = _array(grad, fname, "grad")
+    ba = None if b is None else _array(b, fname, "b")
+    rdt = _result_dtype(fname, g, xa, *([] if ba is None else [ba]))
+    cdt = _compute_dtype(rdt)
+    scalar = xa.ndim == 0
+    if out is not None:
+        _check_out(out, xa.shape, rdt, fname)
+    xv = xa.reshape(1) if scalar else xa
+    axes = _axes(axis, xv.ndim, fname)
+    gshape = () if scalar else _reduced_shape(xv.shape, axes, keepdims)
+    if g.shape != gshape:
+        raise ValueError(
+            f"cylsm.{fname}: grad has shape {g.shape} but the logsumexp of x (shape "
+            f"{xa.shape}) over axis={axis!r} with keepdims={keepdims} has shape {gshape}"
+        )
+    mask = _mask(where, xv.shape, fname)
+    if ba is not None:
+        try:
+            bv = np.broadcast_to(ba.reshape(1) if ba.ndim == 0 else ba, xv.shape)
+        except ValueError:
+            raise ValueError(
+                f"cylsm.{fname}: b has shape {ba.shape}, which does not broadcast to x of shape "
+                f"{xa.shape}"
+            ) from None
+        if mask is not None:
+            bv = np.where(mask, bv, 0)
+    elif mask is not None:
+        xv = np.where(mask, xv, -np.inf)
+    if xv.size == 0:
+        return _finish(np.empty(xv.shape, cdt), out, rdt, scalar)
+
+    outv = None if out is None else (out.reshape(1) if scalar else out)
+    layout = _Layout(xv.shape, axes, _c_order(xv))
+    inputs = [xv, g] + ([] if ba is None else [bv])
+    direct = _out_usable(outv, cdt, inputs, in_place_ok=True) and layout.fits(outv)
+    res = outv if direct else layout.empty(cdt)
+    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    g2 = layout.two(g.reshape(_reduced_shape(xv.shape, axes, True)), cdt)
+    K = _kernels(cdt)
+    if ba is None:
+        K.logsumexp_backward(g2, layout.three(xv, cdt), r3)
+    else:
+        K.logsumexp_backward_weighted(g2, layout.three(xv, cdt), layout.three(bv, cdt), r3)
+    if mask is not None:
+        np.copyto(res, 0, where=~mask)
+    return _finish(res, out, rdt, scalar)

@@ -1,0 +1,45 @@
+"""show_config(): what this installation of cylsm is running on."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import _api, _select
+from ._version import __version__
+
+
+def config() -> dict[str, Any]:
+    """The facts show_config() prints, as a dict."""
+    K = _api._K
+    info: dict[str, Any] = {
+        "cylsm": __version__,
+        "backend": "python" if K.NAME == "python" else "compiled",
+        "kernels": K.__name__,
+        "CYLSM_NO_EXTENSIONS": os.environ.get("CYLSM_NO_EXTENSIONS", ""),
+        "openmp": K.openmp_enabled(),
+        "threads": K.max_threads(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+    if K.NAME != "python":
+        info.update(K.build_info())
+    else:
+        try:
+            _select.load("compiled")
+            info["compiled"] = "importable (not in use)"
+        except ImportError as exc:
+            info["compiled"] = f"not importable: {exc}"
+    return info
+
+
+def show_config() -> None:
+    """Print the backend, OpenMP on/off and thread count, compiler and library versions."""
+    info = config()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}} : {value}")

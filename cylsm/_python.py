@@ -1,0 +1,150 @@
+"""The pure-NumPy backend: the same kernels as ``src/_kernels.pyx``, with the same signatures.
+
+This module is the readable statement of the algorithms.  Every kernel takes C-contiguous
+arrays laid out as (outer, n, inner) and reduces over axis 1; ``cylsm._api`` has validated and
+normalised everything before.  float32 is computed in float64 (as the compiled kernels do);
+float64 and longdouble are computed in their own precision.
+
+For a line x with maximum M (NaN ignored), let t be the sum of exp(x_i - M) over every element
+but the first maximal one (which contributes exactly 1).  Then
+
+    logsumexp(x)   = M + log1p(t)              (log1p keeps results near 0 accurate)
+    log_softmax(x) = (x - M) - log1p(t)        (accurate for the largest element too)
+    softmax(x)     = exp(x - M) / (1 + t)
+
+Lines whose maximum is +-inf (or that hold only NaN and -inf) take L = NaN if they contain a
+NaN, else 0, and S = NaN: the same formulas then give the special values of SPEC section 3.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "python"
+
+
+def openmp_enabled() -> bool:
+    return False
+
+
+def max_threads() -> int:
+    return 1
+
+
+def _compute(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64) if a.dtype == np.float32 else a
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """M, L, S of each line, with keepdims shape (outer, 1, inner)."""
+    with np.errstate(all="ignore"):
+        M = np.fmax.reduce(x, axis=1, keepdims=True)
+        finite = np.isfinite(M)
+        Ms = np.where(finite, M, 0)
+        e = np.exp(x - Ms)
+        first_max = np.argmax(x == M, axis=1)[:, None, :]
+        np.put_along_axis(e, first_max, 0, axis=1)
+        t = e.sum(axis=1, keepdims=True)
+        has_nan = np.isnan(x).any(axis=1, keepdims=True)
+        L = np.where(finite, np.log1p(t), np.where(has_nan, np.nan, 0))
+        S = np.where(finite, 1 + t, np.nan)
+    return M, L, S
+
+
+def log_softmax(x: np.ndarray, out: np.ndarray) -> None:
+    xc = _compute(x)
+    M, L, _ = _stats(xc)
+    with np.errstate(all="ignore"):
+        np.copyto(out, (xc - M) - L, casting="unsafe")
+
+
+def softmax(x: np.ndarray, out: np.ndarray) -> None:
+    xc = _compute(x)
+    M, _, S = _stats(xc)
+    with np.errstate(all="ignore"):
+        np.copyto(out, np.exp(xc - M) / S, casting="unsafe")
+
+
+def logsumexp(x: np.ndarray, out: np.ndarray) -> None:
+    M, L, _ = _stats(_compute(x))
+    with np.errstate(all="ignore"):
+        np.copyto(out, (M + L)[:, 0, :], casting="unsafe")
+
+
+def logsumexp_backward(g: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    xc = _compute(x)
+    M, L, _ = _stats(xc)
+    gg = _compute(g)[:, None, :]
+    dead = M == -np.inf                      # logsumexp is -inf: the gradient is exactly 0
+    with np.errstate(all="ignore"):
+        gg = np.where(dead, 0, gg)
+        M = np.where(dead, 0, M)
+        np.copyto(out, gg * np.exp((xc - M) - L), casting="unsafe")
+
+
+def log_softmax_backward(g: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    gc, yc = _compute(g), _compute(y)
+    with np.errstate(all="ignore"):
+        G = gc.sum(axis=1, keepdims=True)
+        np.copyto(out, gc - np.exp(yc) * G, casting="unsafe")
+
+
+def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
+    gc, pc = _compute(g), _compute(p)
+    with np.errstate(all="ignore"):
+        D = (gc * pc).sum(axis=1, keepdims=True)
+        np.copyto(out, pc * (gc - D), casting="unsafe")
+
+
+def _weighted_parts(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """M: max of x over the entries with b != 0 (-inf if none, NaN if one of them is NaN);
+    mw: the sum of the weights of the maximal entries; rest: sum of b exp(x - M) over the others
+    (0 when M is not finite).  As scipy, all maximal entries are taken out of the sum."""
+    with np.errstate(all="ignore"):
+        active = b != 0
+        xa = np.where(active, x, -np.inf)
+        M = np.fmax.reduce(xa, axis=1, keepdims=True)
+        M = np.where(np.isnan(xa).any(axis=1, keepdims=True), np.nan, M)
+        is_max = active & (xa == M)
+        mw = np.where(is_max, b, 0).sum(axis=1, keepdims=True)
+        finite = np.isfinite(M)
+        terms = b * np.exp(xa - np.where(finite, M, 0))
+        rest = np.where(active & ~is_max & finite, terms, 0).sum(axis=1, keepdims=True)
+    return M, mw, rest
+
+
+def logsumexp_weighted(
+    x: np.ndarray, b: np.ndarray, out: np.ndarray, sign: np.ndarray | None = None
+) -> None:
+    M, mw, rest = _weighted_parts(_compute(x), _compute(b))
+    with np.errstate(all="ignore"):
+        r = rest / np.where(mw != 0, mw, 1)
+        sg = np.where(mw != 0, np.sign(1 + r) * np.sign(mw), np.sign(rest))
+        r = np.where(r < -1, -r - 2, r)
+        res = np.where(mw != 0, (np.log1p(r) + np.log(np.abs(mw))) + M, np.log(np.abs(rest)) + M)
+        # Lines whose maximum is not finite.
+        inf_ok = (mw != 0) & ~np.isnan(mw)
+        res = np.where(M == np.inf, np.where(inf_ok, np.inf, np.nan), res)
+        sg = np.where(M == np.inf, np.where(inf_ok, np.sign(mw), np.nan), sg)
+        res = np.where(M == -np.inf, -np.inf, res)
+        sg = np.where(M == -np.inf, 0, sg)
+        res = np.where(np.isnan(M), np.nan, res)
+        sg = np.where(np.isnan(M), np.nan, sg)
+        if sign is None:
+            res = np.where(sg < 0, np.nan, res)
+        else:
+            np.copyto(sign, sg[:, 0, :], casting="unsafe")
+        np.copyto(out, res[:, 0, :], casting="unsafe")
+
+
+def logsumexp_backward_weighted(
+    g: np.ndarray, x: np.ndarray, b: np.ndarray, out: np.ndarray
+) -> None:
+    xc, bc = _compute(x), _compute(b)
+    M, mw, rest = _weighted_parts(xc, bc)
+    with np.errstate(all="ignore"):
+        total = mw + rest
+        dead = (M == -np.inf) | (total == 0)
+        M = np.where(M == np.inf, np.nan, M)
+        scale = np.where(dead, 0, _compute(g)[:, None, :] / np.where(dead, 1, total))
+        grad = scale * bc * np.exp(xc - np.where(dead, 0, M))
+        np.copyto(out, np.where(bc == 0, 0, grad), casting="unsafe")

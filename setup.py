@@ -1,0 +1,118 @@
+"""Build cylsm's compiled kernels (Cython + OpenMP), or pure Python with CYLSM_NO_EXTENSIONS=1.
+
+- OpenMP is probed by compiling and linking a test program with the flags of the compiler in use
+  (gcc/clang: -fopenmp; MSVC: /openmp; Apple clang: -Xpreprocessor -fopenmp -lomp).  Without it
+  the kernels are built serial and the build says so; under CIBUILDWHEEL=1 that is an error.
+- Never -ffast-math: it breaks inf/NaN handling and, at link time, puts the whole process into
+  flush-to-zero.  -fno-trapping-math only lets the compiler if-convert selects (we never enable
+  FP traps); it changes no result.
+- CYLSM_DEBUG_BUILD=1 turns Cython's bounds/initialization checks back on and drops -O3.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NO_EXTENSIONS = bool(os.environ.get("CYLSM_NO_EXTENSIONS"))
+DEBUG = bool(os.environ.get("CYLSM_DEBUG_BUILD"))
+
+OPENMP_TEST = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def openmp_flag_candidates(compiler_type: str) -> list[tuple[list[str], list[str]]]:
+    """(compile args, link args) to try, in order, for this compiler."""
+    if compiler_type == "msvc":
+        return [(["/openmp"], [])]
+    if sys.platform == "darwin":
+        return [
+            (["-Xpreprocessor", "-fopenmp"], ["-lomp"]),
+            (["-fopenmp"], ["-fopenmp"]),
+        ]
+    return [(["-fopenmp"], ["-fopenmp"])]
+
+
+class BuildExt(build_ext):
+    def _try_openmp(self, compile_args: list[str], link_args: list[str]) -> bool:
+        tmp = tempfile.mkdtemp(prefix="cylsm-openmp-")
+        try:
+            src = os.path.join(tmp, "test_openmp.c")
+            with open(src, "w") as f:
+                f.write(OPENMP_TEST)
+            objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
+            self.compiler.link_executable(
+                objs, "test_openmp", output_dir=tmp, extra_postargs=link_args
+            )
+            return True
+        except Exception:
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build_extensions(self) -> None:
+        ctype = self.compiler.compiler_type
+        omp: tuple[list[str], list[str]] | None = None
+        for compile_args, link_args in openmp_flag_candidates(ctype):
+            if self._try_openmp(compile_args, link_args):
+                omp = (compile_args, link_args)
+                break
+        if omp is None:
+            msg = (
+                "cylsm: OpenMP was not found for this compiler; building SERIAL kernels "
+                "(one thread). Install an OpenMP runtime (libgomp, libomp) to get threads."
+            )
+            if os.environ.get("CIBUILDWHEEL") == "1":
+                raise RuntimeError(msg + " Refusing to build a wheel without OpenMP.")
+            print("\n" + "*" * 72 + "\n" + msg + "\n" + "*" * 72 + "\n", file=sys.stderr)
+        if ctype == "msvc":
+            base = ["/O2" if not DEBUG else "/Od"]
+        else:
+            base = ["-O3" if not DEBUG else "-O0", "-g0" if not DEBUG else "-g",
+                    "-fno-trapping-math", "-fno-math-errno"]
+        for ext in self.extensions:
+            ext.extra_compile_args = base + (omp[0] if omp else []) + ext.extra_compile_args
+            ext.extra_link_args = (omp[1] if omp else []) + ext.extra_link_args
+            ext.define_macros = [*ext.define_macros, ("CYLSM_OPENMP_FLAGS", f'"{" ".join(omp[0]) if omp else ""}"')]
+        super().build_extensions()
+
+
+def extensions() -> list[Extension]:
+    if NO_EXTENSIONS:
+        return []
+    from Cython.Build import cythonize
+
+    directives = {
+        "language_level": 3,
+        "boundscheck": DEBUG,
+        "wraparound": DEBUG,
+        "initializedcheck": DEBUG,
+        "cdivision": not DEBUG,
+        "embedsignature": True,
+    }
+    libraries = [] if sys.platform == "win32" else ["m"]
+    ext = Extension(
+        "cylsm._kernels",
+        ["src/_kernels.pyx"],
+        include_dirs=["src"],
+        libraries=libraries,
+        depends=["src/cylsm_exp.h"],
+    )
+    return cythonize([ext], compiler_directives=directives, include_path=["src"])
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,583 @@
+"""Compiled kernels of cylsm.
+
+Every kernel works on C-contiguous buffers laid out as (outer, n, inner) and reduces over the
+middle axis; ``cylsm._api`` has already validated and normalised the arguments, so nothing here
+checks them again.  The Python backend (``cylsm/_python.py``) implements the same functions with
+the same signatures and is the readable statement of the algorithms.
+
+Two loop shapes share the same building blocks ("panels": K rows of w lanes, rows ``s`` apart):
+
+* row kernels (inner == 1): a row of n elements is seen as n // W rows of W lanes plus a tail;
+* column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously.
+
+Accuracy: the exps are summed per lane in blocks of KC rows and the block sums are added with
+TwoSum compensation, so long rows do not drift; the largest element is left out of the sum
+(it contributes exactly 1) and log_softmax/logsumexp use log1p of the rest.  float32 data is
+computed in double.  Every row or column block is computed by one thread, start to end, so the
+results do not depend on the number of threads.
+"""
+from cython.parallel cimport prange
+from libc.math cimport log1p, log, fabs, INFINITY, NAN
+
+cdef extern from "cylsm_exp.h" nogil:
+    double cylsm_exp(double x) noexcept
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define CYLSM_OPENMP 1
+    #else
+    #define CYLSM_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+    """
+    const int CYLSM_OPENMP
+    int omp_get_max_threads() noexcept nogil
+
+ctypedef fused floating:
+    float
+    double
+
+cdef enum:
+    W = 16            # lanes of a row kernel
+    KC = 128          # rows of lanes summed before the compensated add (2048 elements of a row)
+    JB = 64           # columns walked together by a column kernel
+    MIN_PARALLEL = 32768   # fewer elements than this: one thread
+
+
+NAME = "compiled"
+
+
+cdef extern from *:
+    """
+    #if defined(__VERSION__)
+    #define CYLSM_COMPILER __VERSION__
+    #elif defined(_MSC_FULL_VER)
+    #define CYLSM_STR2(x) #x
+    #define CYLSM_STR(x) CYLSM_STR2(x)
+    #define CYLSM_COMPILER "MSVC " CYLSM_STR(_MSC_FULL_VER)
+    #else
+    #define CYLSM_COMPILER "unknown"
+    #endif
+    """
+    const char* CYLSM_COMPILER
+    const char* CYLSM_OPENMP_FLAGS
+
+
+def build_info():
+    """How these kernels were compiled: compiler, OpenMP flags."""
+    return {
+        "compiler": CYLSM_COMPILER.decode(),
+        "openmp_flags": CYLSM_OPENMP_FLAGS.decode(),
+    }
+
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(CYLSM_OPENMP)
+
+
+def max_threads():
+    """The number of threads a large call may use (OMP_NUM_THREADS, threadpoolctl limits)."""
+    return omp_get_max_threads()
+
+
+cdef inline int n_threads(Py_ssize_t size) noexcept nogil:
+    return 1 if size < MIN_PARALLEL else omp_get_max_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nogil:
+    """total + comp += v, keeping the rounding error of the addition in comp (Knuth's TwoSum)."""
+    cdef double s = total[0] + v
+    cdef double bb = s - total[0]
+    comp[0] += (total[0] - (s - bb)) + (v - bb)
+    total[0] = s
+
+
+cdef void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
+                    double* m, Py_ssize_t* a) noexcept nogil:
+    """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if none is greater);
+    OUT a[j]: the first k reaching it (-1 if none)."""
+    cdef Py_ssize_t k, j
+    cdef const floating* row
+    cdef double v
+    cdef bint gt
+    for j in range(w):
+        m[j] = -INFINITY
+        a[j] = -1
+    for k in range(K):
+        row = p + k * s
+        for j in range(w):
+            v = row[j]
+            gt = v > m[j]
+            m[j] = v if gt else m[j]
+            a[j] = k if gt else a[j]
+
+
+cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
+                       const double* m, const Py_ssize_t* ex,
+                       double* tot, double* part, double* comp) noexcept nogil:
+    """OUT tot[j] = sum over k < K, k != ex[j] of exp(p[k*s + j] - m[j]).
+    part and comp are scratch of w doubles."""
+    cdef Py_ssize_t k, k0, k1, j
+    cdef const floating* row
+    cdef double e
+    for j in range(w):
+        tot[j] = 0.0
+        comp[j] = 0.0
+    k0 = 0
+    while k0 < K:
+        k1 = k0 + KC if k0 + KC < K else K
+        for j in range(w):
+            part[j] = 0.0
+        for k in range(k0, k1):
+            row = p + k * s
+            for j in range(w):
+                e = cylsm_exp(row[j] - m[j])
+                part[j] += 0.0 if k == ex[j] else e
+        for j in range(w):
+            two_sum_add(&tot[j], &comp[j], part[j])
+        k0 = k1
+    for j in range(w):
+        tot[j] += comp[j]
+
+
+cdef void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
+                    Py_ssize_t s, double* tot, double* part, double* comp) noexcept nogil:
+    """OUT tot[j] = sum over k < K of g[k*s + j] * q[k*s + j] (of g alone when q is NULL)."""
+    cdef Py_ssize_t k, k0, k1, j
+    cdef const floating* grow
+    cdef const floating* qrow
+    for j in range(w):
+        tot[j] = 0.0
+        comp[j] = 0.0
+    k0 = 0
+    while k0 < K:
+        k1 = k0 + KC if k0 + KC < K else K
+        for j in range(w):
+            part[j] = 0.0
+        if q == NULL:
+            for k in range(k0, k1):
+                grow = g + k * s
+                for j in range(w):
+                    part[j] += grow[j]
+        else:
+            for k in range(k0, k1):
+                grow = g + k * s
+                qrow = q + k * s
+                for j in range(w):
+                    part[j] += <double>grow[j] * <double>qrow[j]
+        for j in range(w):
+            two_sum_add(&tot[j], &comp[j], part[j])
+        k0 = k1
+    for j in range(w):
+        tot[j] += comp[j]
+
+
+cdef double nonfinite_stats(const floating* p, Py_ssize_t n, Py_ssize_t s, double* S) noexcept nogil:
+    """For a line whose max is +-inf (or that has only NaN and -inf): returns L and sets S so that
+    the output formulas give SPEC's special values: L = NaN if the line has a NaN, else 0; S = NaN."""
+    cdef Py_ssize_t k
+    S[0] = NAN
+    for k in range(n):
+        if p[k * s] != p[k * s]:
+            return NAN
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of one row / one block of columns: max M, L = log(sum exp(x - M)), S = sum exp(x - M).
+# For a finite M, L = log1p(t) and S = 1 + t with t the sum without the first maximal element.
+
+
+cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
+    cdef double m[W]
+    cdef double mm[W]
+    cdef double tot[W]
+    cdef double part[W]
+    cdef double comp[W]
+    cdef Py_ssize_t a[W]
+    cdef Py_ssize_t ex[W]
+    cdef Py_ssize_t K = n // W
+    cdef Py_ssize_t tail = K * W
+    cdef Py_ssize_t i, j, ia = -1
+    cdef double mx = -INFINITY, t = 0.0, v
+    panel_max(x, K, W, W, m, a)
+    for j in range(W):
+        if m[j] > mx:
+            mx = m[j]
+    for j in range(W):
+        if a[j] >= 0 and m[j] == mx and (ia < 0 or a[j] * W + j < ia):
+            ia = a[j] * W + j
+    for i in range(tail, n):
+        v = x[i]
+        if v > mx:
+            mx = v
+            ia = i
+    M[0] = mx
+    if not (-INFINITY < mx < INFINITY):
+        L[0] = nonfinite_stats(x, n, 1, S)
+        return
+    for j in range(W):
+        mm[j] = mx
+        ex[j] = -1
+    if ia < tail:
+        ex[ia % W] = ia // W
+    panel_sumexp(x, K, W, W, mm, ex, tot, part, comp)
+    for j in range(W):
+        t += tot[j]
+    for i in range(tail, n):
+        if i != ia:
+            t += cylsm_exp(x[i] - mx)
+    L[0] = log1p(t)
+    S[0] = 1.0 + t
+
+
+cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                    double* M, double* L, double* S) noexcept nogil:
+    """M, L, S of w <= JB neighbouring columns of n elements, s apart."""
+    cdef Py_ssize_t a[JB]
+    cdef double tot[JB]
+    cdef double part[JB]
+    cdef double comp[JB]
+    cdef Py_ssize_t j
+    panel_max(x, n, w, s, M, a)
+    panel_sumexp(x, n, w, s, M, a, tot, part, comp)
+    for j in range(w):
+        if -INFINITY < M[j] < INFINITY:
+            L[j] = log1p(tot[j])
+            S[j] = 1.0 + tot[j]
+        else:
+            L[j] = nonfinite_stats(x + j, n, s, &S[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# One row (inner == 1) or one block of w <= JB columns (inner > 1) of each operation.  Each call
+# is made by one thread and keeps its scratch on its own stack.
+
+cdef enum:
+    OP_LOG_SOFTMAX
+    OP_SOFTMAX
+    OP_LOGSUMEXP
+    OP_LOGSUMEXP_BACKWARD     # g holds one upstream gradient per row / column
+    OP_LOG_SOFTMAX_BACKWARD   # out = g - exp(q) * sum(g)
+    OP_SOFTMAX_BACKWARD       # out = q * (g - sum(g * q))
+
+
+cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
+                    Py_ssize_t n) noexcept nogil:
+    """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out."""
+    cdef double M, L, S, gr
+    cdef Py_ssize_t i
+    row_stats(x, n, &M, &L, &S)
+    if op == OP_LOG_SOFTMAX:
+        for i in range(n):
+            out[i] = <floating>((x[i] - M) - L)
+    elif op == OP_SOFTMAX:
+        for i in range(n):
+            out[i] = <floating>(cylsm_exp(x[i] - M) / S)
+    elif op == OP_LOGSUMEXP:
+        out[0] = <floating>(M + L)
+    else:
+        gr = g[0]
+        if M == -INFINITY:      # logsumexp is -inf: the gradient is exactly 0
+            gr = 0.0
+            M = 0.0
+        for i in range(n):
+            out[i] = <floating>(gr * cylsm_exp((x[i] - M) - L))
+
+
+cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
+                     Py_ssize_t n, Py_ssize_t w, Py_ssize_t s) noexcept nogil:
+    """As stats_row for w neighbouring columns, s apart; g and out (OP_LOGSUMEXP) hold w values."""
+    cdef double M[JB]
+    cdef double L[JB]
+    cdef double S[JB]
+    cdef Py_ssize_t i, j
+    cdef const floating* xr
+    cdef floating* orow
+    col_stats(x, n, w, s, M, L, S)
+    if op == OP_LOGSUMEXP:
+        for j in range(w):
+            out[j] = <floating>(M[j] + L[j])
+        return
+    if op == OP_LOGSUMEXP_BACKWARD:
+        for j in range(w):
+            S[j] = g[j]             # S now holds the upstream gradient
+            if M[j] == -INFINITY:
+                S[j] = 0.0
+                M[j] = 0.0
+    for i in range(n):
+        xr = x + i * s
+        orow = out + i * s
+        if op == OP_LOG_SOFTMAX:
+            for j in range(w):
+                orow[j] = <floating>((xr[j] - M[j]) - L[j])
+        elif op == OP_SOFTMAX:
+            for j in range(w):
+                orow[j] = <floating>(cylsm_exp(xr[j] - M[j]) / S[j])
+        else:
+            for j in range(w):
+                orow[j] = <floating>(S[j] * cylsm_exp((xr[j] - M[j]) - L[j]))
+
+
+cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
+    """sum of g (times q when q is not NULL) over a row, in lanes with compensated blocks."""
+    cdef double tot[W]
+    cdef double part[W]
+    cdef double comp[W]
+    cdef Py_ssize_t K = n // W
+    cdef Py_ssize_t i, j
+    cdef double t = 0.0
+    panel_sum(g, q, K, W, W, tot, part, comp)
+    for j in range(W):
+        t += tot[j]
+    for i in range(K * W, n):
+        t += g[i] if q == NULL else <double>g[i] * <double>q[i]
+    return t
+
+
+cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
+                       Py_ssize_t n) noexcept nogil:
+    cdef double G
+    cdef Py_ssize_t i
+    if op == OP_LOG_SOFTMAX_BACKWARD:
+        G = row_sum(g, <const floating*>NULL, n)
+        for i in range(n):
+            out[i] = <floating>(g[i] - cylsm_exp(q[i]) * G)
+    else:
+        G = row_sum(g, q, n)
+        for i in range(n):
+            out[i] = <floating>(q[i] * (g[i] - G))
+
+
+cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
+                        Py_ssize_t n, Py_ssize_t w, Py_ssize_t s) noexcept nogil:
+    cdef double tot[JB]
+    cdef double part[JB]
+    cdef double comp[JB]
+    cdef Py_ssize_t i, j
+    cdef const floating* gr
+    cdef const floating* qr
+    cdef floating* orow
+    panel_sum(g, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else q, n, w, s,
+              tot, part, comp)
+    for i in range(n):
+        gr = g + i * s
+        qr = q + i * s
+        orow = out + i * s
+        if op == OP_LOG_SOFTMAX_BACKWARD:
+            for j in range(w):
+                orow[j] = <floating>(gr[j] - cylsm_exp(qr[j]) * tot[j])
+        else:
+            for j in range(w):
+                orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))
+
+
+cdef void run(int op, const floating* x, const floating* g, floating* out,
+              Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
+    """Spread the rows (or column blocks) of an (outer, n, inner) problem over the threads.
+    For the backward ops x is the forward output (y or p) and g the upstream gradient."""
+    cdef Py_ssize_t r, t, o, j0, w, nb = (inner + JB - 1) // JB
+    cdef int nt = n_threads(outer * n * inner)
+    cdef bint reduced = op == OP_LOGSUMEXP                  # out is (outer, inner)
+    cdef bint per_row_g = op == OP_LOGSUMEXP_BACKWARD       # g is (outer, inner)
+    cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    if inner == 1:
+        for r in prange(outer, nogil=True, num_threads=nt, schedule="static"):
+            if backward:
+                backward_row(op, g + r * n, x + r * n, out + r * n, n)
+            else:
+                stats_row(op, x + r * n, g + r if per_row_g else g,
+                          out + r if reduced else out + r * n, n)
+    else:
+        for t in prange(outer * nb, nogil=True, num_threads=nt, schedule="static"):
+            o = t // nb
+            j0 = (t % nb) * JB
+            w = JB if j0 + JB <= inner else inner - j0
+            if backward:
+                backward_cols(op, g + o * n * inner + j0, x + o * n * inner + j0,
+                              out + o * n * inner + j0, n, w, inner)
+            else:
+                stats_cols(op, x + o * n * inner + j0,
+                           g + o * inner + j0 if per_row_g else g,
+                           out + o * inner + j0 if reduced else out + o * n * inner + j0,
+                           n, w, inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels.  Arrays are (outer, n, inner), C-contiguous, of one dtype; reductions over axis 1.
+
+
+def log_softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
+    """OUT out = x - logsumexp(x) (out may be x)."""
+    run(OP_LOG_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
+        x.shape[0], x.shape[1], x.shape[2])
+
+
+def softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
+    """OUT out = exp(x) / sum(exp(x)) (out may be x)."""
+    run(OP_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
+        x.shape[0], x.shape[1], x.shape[2])
+
+
+def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out):
+    """OUT out[o, j] = log(sum over i of exp(x[o, i, j]))."""
+    run(OP_LOGSUMEXP, &x[0, 0, 0], <const floating*>NULL, &out[0, 0],
+        x.shape[0], x.shape[1], x.shape[2])
+
+
+def log_softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] y,
+                         floating[:, :, ::1] out):
+    """OUT out = g - exp(y) * sum(g) (out may be g or y)."""
+    run(OP_LOG_SOFTMAX_BACKWARD, &y[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
+        y.shape[0], y.shape[1], y.shape[2])
+
+
+def softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] p,
+                     floating[:, :, ::1] out):
+    """OUT out = p * (g - sum(g * p)) (out may be g or p)."""
+    run(OP_SOFTMAX_BACKWARD, &p[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
+        p.shape[0], p.shape[1], p.shape[2])
+
+
+def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
+                       floating[:, :, ::1] out):
+    """OUT out = g * exp(x - logsumexp(x)), and 0 where logsumexp(x) is -inf (out may be x).
+    g is (outer, inner)."""
+    run(OP_LOGSUMEXP_BACKWARD, &x[0, 0, 0], &g[0, 0], &out[0, 0, 0],
+        x.shape[0], x.shape[1], x.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted logsumexp (b=), one line of n elements s apart at a time.  As scipy does, the maximal
+# elements are taken out of the sum: log(sum b e^x) = M + log|mw| + log1p(rest / mw).
+
+
+cdef double sign_of(double v) noexcept nogil:
+    if v > 0:
+        return 1.0
+    if v < 0:
+        return -1.0
+    return v   # 0 or NaN
+
+
+cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_ssize_t s,
+                         double* M, double* mw, double* rest) noexcept nogil:
+    """OUT M: max of x over the entries with b != 0 (-inf if none; NaN if one of them is NaN);
+    OUT mw: sum of the weights of the maximal entries (of the +inf entries when M is +inf);
+    OUT rest: sum of b * exp(x - M) over the others (0 when M is not finite)."""
+    cdef Py_ssize_t k
+    cdef double v, bk, mx = -INFINITY, wsum = 0.0, tot = 0.0, comp = 0.0
+    for k in range(n):
+        bk = b[k * s]
+        if bk != 0:
+            v = x[k * s]
+            if v != v:
+                M[0] = NAN
+                mw[0] = NAN
+                rest[0] = NAN
+                return
+            if v > mx:
+                mx = v
+    for k in range(n):
+        bk = b[k * s]
+        if bk != 0:
+            v = x[k * s]
+            if v == mx:
+                wsum += bk
+            elif -INFINITY < mx < INFINITY:
+                two_sum_add(&tot, &comp, bk * cylsm_exp(v - mx))
+    M[0] = mx
+    mw[0] = wsum
+    rest[0] = tot + comp
+
+
+cdef void weighted_line(const floating* x, const floating* b, floating* out, floating* sign,
+                        Py_ssize_t n, Py_ssize_t s) noexcept nogil:
+    """OUT out[0] = log|sum b exp(x)|; OUT sign[0] its sign, or when sign is NULL: NaN in out
+    for a negative sum."""
+    cdef double M, mw, rest, r, res, sg
+    weighted_parts(x, b, n, s, &M, &mw, &rest)
+    if M != M:
+        res = NAN
+        sg = NAN
+    elif M == -INFINITY:
+        res = -INFINITY
+        sg = 0.0
+    elif M == INFINITY:
+        if mw != 0 and mw == mw:
+            res = INFINITY
+            sg = sign_of(mw)
+        else:
+            res = NAN
+            sg = NAN
+    elif mw != 0:
+        r = rest / mw
+        sg = sign_of(1.0 + r) * sign_of(mw)
+        if r < -1.0:
+            r = -r - 2.0
+        res = (log1p(r) + log(fabs(mw))) + M
+    else:
+        sg = sign_of(rest)
+        res = log(fabs(rest)) + M
+    if sign != NULL:
+        sign[0] = <floating>sg
+    elif sg < 0:
+        res = NAN
+    out[0] = <floating>res
+
+
+cdef void weighted_grad_line(const floating* g, const floating* x, const floating* b,
+                             floating* out, Py_ssize_t n, Py_ssize_t s) noexcept nogil:
+    """OUT out = g * b * exp(x - M) / sum(b * exp(x - M)): the gradient of log|sum b exp(x)|;
+    0 where that sum is 0 (logsumexp -inf) and wherever b is 0."""
+    cdef double M, mw, rest, scale, bk
+    cdef Py_ssize_t k
+    weighted_parts(x, b, n, s, &M, &mw, &rest)
+    if M == INFINITY:
+        M = NAN
+    if M == -INFINITY or mw + rest == 0:
+        scale = 0.0
+        M = 0.0
+    else:
+        scale = g[0] / (mw + rest)
+    for k in range(n):
+        bk = b[k * s]
+        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * cylsm_exp(x[k * s] - M))
+
+
+def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,
+                       floating[:, ::1] out, floating[:, ::1] sign=None):
+    """OUT out = log|sum b exp(x)| over axis 1; OUT sign its sign in {-1, 0, +1} (when sign is
+    None, a negative sum gives NaN)."""
+    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* bp = &b[0, 0, 0]
+    cdef floating* op = &out[0, 0]
+    cdef floating* sp = NULL if sign is None else &sign[0, 0]
+    cdef Py_ssize_t t, line
+    cdef int nt = n_threads(outer * n * inner)
+    for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
+        line = (t // inner) * n * inner + t % inner
+        weighted_line(xp + line, bp + line, op + t, NULL if sp == NULL else sp + t, n, inner)
+
+
+def logsumexp_backward_weighted(const floating[:, ::1] g, const floating[:, :, ::1] x,
+                                const floating[:, :, ::1] b, floating[:, :, ::1] out):
+    """OUT out = g * b * exp(x - logsumexp(x, b)), 0 where b is 0 or the sum is 0."""
+    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
+    cdef const floating* gp = &g[0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* bp = &b[0, 0, 0]
+    cdef floating* op = &out[0, 0, 0]
+    cdef Py_ssize_t t, line
+    cdef int nt = n_threads(outer * n * inner)
+    for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
+        line = (t // inner) * n * inner + t % inner
+        weighted_grad_line(gp + t, xp + line, bp + line, op + line, n, inner)

@@ -1,0 +1,44 @@
+"""One fixture runs every test on every backend.
+
+``lsm`` is the ``cylsm`` module with its kernels switched to one backend for the duration of the
+test.  The compiled backend is *required*: if it cannot be imported the tests that use it fail
+(they are never skipped), unless ``CYLSM_NO_EXTENSIONS`` is set or ``--no-c-extensions`` is
+given, in which case only the Python backend is exercised.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import cylsm
+from cylsm import _api, _select
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-c-extensions",
+        action="store_true",
+        help="test only the pure-Python backend",
+    )
+
+
+def backend_names(config: pytest.Config) -> list[str]:
+    if os.environ.get("CYLSM_NO_EXTENSIONS") or config.getoption("--no-c-extensions"):
+        return ["python"]
+    return list(_select.COMPILED_NAMES) + ["python"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "lsm" in metafunc.fixturenames:
+        metafunc.parametrize("lsm", backend_names(metafunc.config), indirect=True)
+
+
+@pytest.fixture
+def lsm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    try:
+        kernels = _select.load(request.param)
+    except ImportError as exc:  # a build problem must never pass as green
+        pytest.fail(f"backend {request.param!r} cannot be imported: {exc}")
+    monkeypatch.setattr(_api, "_K", kernels)
+    return cylsm
