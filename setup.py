@@ -103,6 +103,7 @@ def extensions() -> list[Extension]:
         "initializedcheck": DEBUG,
         "cdivision": not DEBUG,
         "embedsignature": True,
+        "autotestdict": False,
     }
     libraries = [] if sys.platform == "win32" else ["m"]
     ext = Extension(

@@ -53,7 +53,8 @@ def _result_dtype(fname: str, *arrays: np.ndarray, dtype: Any = None) -> np.dtyp
         d = np.result_type(*arrays)
         if d.kind != "f":
             d = np.dtype(np.float64)
-    return np.dtype(d.type)  # native byte order
+    native: np.dtype = np.dtype(d.type)  # native byte order
+    return native
 
 
 def _compute_dtype(d: np.dtype) -> np.dtype:
@@ -136,15 +137,17 @@ def _is_same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _out_usable(out: np.ndarray | None, cdt: np.dtype, inputs: Sequence[np.ndarray],
-                in_place_ok: bool) -> bool:
-    """Can the kernel write straight into ``out``?  (Else it writes a temporary that is copied.)"""
-    if out is None or out.dtype != cdt:
-        return False
+def _result_buffer(out: np.ndarray | None, cdt: np.dtype, inputs: Sequence[np.ndarray],
+                   layout: _Layout) -> np.ndarray:
+    """Where the kernel writes a same-shape result: straight into ``out`` when it has the
+    compute dtype, fits ``layout`` and overlaps no input (other than being one of them
+    exactly: in place); else a new array in ``layout``, copied into ``out`` afterwards."""
+    if out is None or out.dtype != cdt or not layout.fits(out):
+        return layout.empty(cdt)
     for a in inputs:
-        if np.may_share_memory(out, a) and not (in_place_ok and _is_same_buffer(out, a)):
-            return False
-    return True
+        if np.may_share_memory(out, a) and not _is_same_buffer(out, a):
+            return layout.empty(cdt)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +193,10 @@ class _Layout:
         t = np.ascontiguousarray(a.transpose(self.perm), dtype=cdt)
         return t.reshape(self.outer, self.n, self.inner)
 
+    def view3(self, a: np.ndarray) -> np.ndarray:
+        """``a``, which fits this layout, as its (outer, n, inner) view (writes go through)."""
+        return a.transpose(self.perm).reshape(self.outer, self.n, self.inner)
+
     def empty(self, cdt: np.dtype) -> np.ndarray:
         """A new array of the full shape that fits this layout."""
         return np.empty(self.pshape, cdt).transpose(self.inverse)
@@ -224,6 +231,8 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     xa = _array(x, fname, "x")
     rdt = _result_dtype(fname, xa, dtype=dtype)
     cdt = _compute_dtype(rdt)
+    if dtype is not None:
+        xa = xa.astype(rdt, copy=False)             # dtype=: the input is cast first
     scalar = xa.ndim == 0
     if out is not None:
         _check_out(out, xa.shape, rdt, fname)
@@ -234,13 +243,10 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
         return _finish(np.empty(xv.shape, cdt), out, rdt, scalar)
 
     outv = None if out is None else (out.reshape(1) if scalar else out)
-    direct = _out_usable(outv, cdt, [xv], in_place_ok=True)
-    layout = _Layout(xv.shape, axes, _c_order(outv if direct else xv))
-    if direct and not layout.fits(outv):
-        direct = False
-        layout = _Layout(xv.shape, axes, _c_order(xv))
-    res = outv if direct else layout.empty(cdt)
-    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    # Work in the memory order of out when one is given (x is copied into it when needed).
+    layout = _Layout(xv.shape, axes, (None if outv is None else _c_order(outv)) or _c_order(xv))
+    res = _result_buffer(outv, cdt, [xv], layout)
+    r3 = layout.view3(res)
     if mask is not None or xv.dtype != cdt or not layout.fits(xv):
         np.copyto(res, xv, casting="unsafe")       # work in place in the result
         if mask is not None:
@@ -412,14 +418,18 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     4.248354255291589e-18
     >>> cylsm.logsumexp([[1.0, 2.0], [3.0, 4.0]], axis=1)
     array([2.31326169, 4.31326169])
-    >>> cylsm.logsumexp([1.0, 2.0], b=[1.0, -1.0], return_sign=True)
-    (np.float64(1.5413248546129181), np.float64(-1.0))
+    >>> value, sign = cylsm.logsumexp([1.0, 2.0], b=[1.0, -1.0], return_sign=True)
+    >>> float(value), float(sign)
+    (1.5413248546129181, -1.0)
     """
     fname = "logsumexp"
     xa = _array(a, fname, "a")
     ba = None if b is None else _array(b, fname, "b")
     rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
     cdt = _compute_dtype(rdt)
+    if dtype is not None:                           # dtype=: the inputs are cast first
+        xa = xa.astype(rdt, copy=False)
+        ba = None if ba is None else ba.astype(rdt, copy=False)
     if ba is not None:
         xa, ba = _broadcast(fname, xa, ba)
     scalar_in = xa.ndim == 0
@@ -447,7 +457,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
             res2.fill(-np.inf)
             if sign2 is not None:
                 sign2.fill(0)
-        elif weighted:
+        elif bv is not None:
             _kernels(cdt).logsumexp_weighted(
                 layout.three(xv, cdt), layout.three(bv, cdt), res2, sign2
             )
@@ -488,9 +498,8 @@ def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: An
 
     outv = None if out is None else (out.reshape(1) if scalar else out)
     layout = _Layout(yv.shape, axes, _c_order(yv))
-    direct = _out_usable(outv, cdt, [gv, yv], in_place_ok=True) and layout.fits(outv)
-    res = outv if direct else layout.empty(cdt)
-    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    res = _result_buffer(outv, cdt, [gv, yv], layout)
+    r3 = layout.view3(res)
     getattr(_kernels(cdt), fname)(layout.three(gv, cdt), layout.three(yv, cdt), r3)
     if mask is not None:
         np.copyto(res, 0, where=~mask)
@@ -615,6 +624,7 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
             f"{xa.shape}) over axis={axis!r} with keepdims={keepdims} has shape {gshape}"
         )
     mask = _mask(where, xv.shape, fname)
+    bv: np.ndarray | None = None
     if ba is not None:
         try:
             bv = np.broadcast_to(ba.reshape(1) if ba.ndim == 0 else ba, xv.shape)
@@ -632,13 +642,11 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
 
     outv = None if out is None else (out.reshape(1) if scalar else out)
     layout = _Layout(xv.shape, axes, _c_order(xv))
-    inputs = [xv, g] + ([] if ba is None else [bv])
-    direct = _out_usable(outv, cdt, inputs, in_place_ok=True) and layout.fits(outv)
-    res = outv if direct else layout.empty(cdt)
-    r3 = res.transpose(layout.perm).reshape(layout.outer, layout.n, layout.inner)
+    res = _result_buffer(outv, cdt, [xv, g] + ([] if bv is None else [bv]), layout)
+    r3 = layout.view3(res)
     g2 = layout.two(g.reshape(_reduced_shape(xv.shape, axes, True)), cdt)
     K = _kernels(cdt)
-    if ba is None:
+    if bv is None:
         K.logsumexp_backward(g2, layout.three(xv, cdt), r3)
     else:
         K.logsumexp_backward_weighted(g2, layout.three(xv, cdt), layout.three(bv, cdt), r3)

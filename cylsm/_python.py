@@ -34,16 +34,41 @@ def _compute(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64) if a.dtype == np.float32 else a
 
 
+def _two_diff(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a - b and its rounding error: a - b == d + lo exactly (Knuth's TwoSum)."""
+    d = a - b
+    bb = d - a
+    return d, (a - (d - bb)) - (b + bb)
+
+
+def _exp_diff(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """exp(a - b), or exp((a - b) - c), with the differences formed exactly: the rounding of
+    a - b alone would cost up to |a - b|/2 ulp of the result."""
+    d, lo = _two_diff(a, b)
+    if c is not None:
+        d, lo2 = _two_diff(d, c)
+        lo = lo + lo2
+    e = np.exp(d)
+    lo = np.where(np.isfinite(lo), lo, 0)
+    result: np.ndarray = np.where(lo == 0, e, e + e * lo)
+    return result
+
+
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 1, keepdims, along a contiguous axis (so NumPy sums pairwise)."""
+    total: np.ndarray = np.ascontiguousarray(np.moveaxis(a, 1, -1)).sum(axis=-1)
+    return total[:, None, :]
+
+
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """M, L, S of each line, with keepdims shape (outer, 1, inner)."""
     with np.errstate(all="ignore"):
         M = np.fmax.reduce(x, axis=1, keepdims=True)
         finite = np.isfinite(M)
-        Ms = np.where(finite, M, 0)
-        e = np.exp(x - Ms)
+        e = _exp_diff(x, np.where(finite, M, 0))
         first_max = np.argmax(x == M, axis=1)[:, None, :]
         np.put_along_axis(e, first_max, 0, axis=1)
-        t = e.sum(axis=1, keepdims=True)
+        t = _sum(e)
         has_nan = np.isnan(x).any(axis=1, keepdims=True)
         L = np.where(finite, np.log1p(t), np.where(has_nan, np.nan, 0))
         S = np.where(finite, 1 + t, np.nan)
@@ -61,7 +86,7 @@ def softmax(x: np.ndarray, out: np.ndarray) -> None:
     xc = _compute(x)
     M, _, S = _stats(xc)
     with np.errstate(all="ignore"):
-        np.copyto(out, np.exp(xc - M) / S, casting="unsafe")
+        np.copyto(out, _exp_diff(xc, M) / S, casting="unsafe")
 
 
 def logsumexp(x: np.ndarray, out: np.ndarray) -> None:
@@ -78,20 +103,20 @@ def logsumexp_backward(g: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     with np.errstate(all="ignore"):
         gg = np.where(dead, 0, gg)
         M = np.where(dead, 0, M)
-        np.copyto(out, gg * np.exp((xc - M) - L), casting="unsafe")
+        np.copyto(out, gg * _exp_diff(xc, M, L), casting="unsafe")
 
 
 def log_softmax_backward(g: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
     gc, yc = _compute(g), _compute(y)
     with np.errstate(all="ignore"):
-        G = gc.sum(axis=1, keepdims=True)
+        G = _sum(gc)
         np.copyto(out, gc - np.exp(yc) * G, casting="unsafe")
 
 
 def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
     gc, pc = _compute(g), _compute(p)
     with np.errstate(all="ignore"):
-        D = (gc * pc).sum(axis=1, keepdims=True)
+        D = _sum(gc * pc)
         np.copyto(out, pc * (gc - D), casting="unsafe")
 
 
@@ -105,10 +130,10 @@ def _weighted_parts(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
         M = np.fmax.reduce(xa, axis=1, keepdims=True)
         M = np.where(np.isnan(xa).any(axis=1, keepdims=True), np.nan, M)
         is_max = active & (xa == M)
-        mw = np.where(is_max, b, 0).sum(axis=1, keepdims=True)
+        mw = _sum(np.where(is_max, b, 0))
         finite = np.isfinite(M)
-        terms = b * np.exp(xa - np.where(finite, M, 0))
-        rest = np.where(active & ~is_max & finite, terms, 0).sum(axis=1, keepdims=True)
+        terms = b * _exp_diff(xa, np.where(finite, M, 0))
+        rest = _sum(np.where(active & ~is_max & finite, terms, 0))
     return M, mw, rest
 
 
@@ -146,5 +171,5 @@ def logsumexp_backward_weighted(
         dead = (M == -np.inf) | (total == 0)
         M = np.where(M == np.inf, np.nan, M)
         scale = np.where(dead, 0, _compute(g)[:, None, :] / np.where(dead, 1, total))
-        grad = scale * bc * np.exp(xc - np.where(dead, 0, M))
+        grad = scale * bc * _exp_diff(xc, np.where(dead, 0, M))
         np.copyto(out, np.where(bc == 0, 0, grad), casting="unsafe")

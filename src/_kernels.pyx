@@ -21,6 +21,24 @@ from libc.math cimport log1p, log, fabs, INFINITY, NAN
 
 cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp(double x) noexcept
+    double cylsm_exp_lo(double x, double lo) noexcept
+    double cylsm_two_diff(double a, double b, double* lo) noexcept
+
+
+cdef inline double exp_diff(double a, double b) noexcept nogil:
+    """exp(a - b) with a - b formed exactly: the rounding of a - b would otherwise cost up to
+    |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum)."""
+    cdef double lo
+    cdef double d = cylsm_two_diff(a, b, &lo)
+    return cylsm_exp_lo(d, lo)
+
+
+cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
+    """exp((a - b) - c), both differences formed exactly."""
+    cdef double lo1, lo2
+    cdef double d = cylsm_two_diff(a, b, &lo1)
+    d = cylsm_two_diff(d, c, &lo2)
+    return cylsm_exp_lo(d, lo1 + lo2)
 
 cdef extern from *:
     """
@@ -59,6 +77,9 @@ cdef extern from *:
     #define CYLSM_COMPILER "MSVC " CYLSM_STR(_MSC_FULL_VER)
     #else
     #define CYLSM_COMPILER "unknown"
+    #endif
+    #ifndef CYLSM_OPENMP_FLAGS
+    #define CYLSM_OPENMP_FLAGS ""
     #endif
     """
     const char* CYLSM_COMPILER
@@ -100,33 +121,35 @@ cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nog
 
 
 cdef void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                    double* m, Py_ssize_t* a) noexcept nogil:
+                    double* m, double* a) noexcept nogil:
     """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if none is greater);
-    OUT a[j]: the first k reaching it (-1 if none)."""
+    OUT a[j]: the first k reaching it (-1 if none).  Indices are kept as doubles (exact below
+    2^53) so that every operation of the loop has a vector instruction even on baseline x86-64."""
     cdef Py_ssize_t k, j
     cdef const floating* row
-    cdef double v
+    cdef double v, kd
     cdef bint gt
     for j in range(w):
         m[j] = -INFINITY
-        a[j] = -1
+        a[j] = -1.0
     for k in range(K):
         row = p + k * s
+        kd = <double>k
         for j in range(w):
             v = row[j]
             gt = v > m[j]
             m[j] = v if gt else m[j]
-            a[j] = k if gt else a[j]
+            a[j] = kd if gt else a[j]
 
 
 cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                       const double* m, const Py_ssize_t* ex,
+                       const double* m, const double* ex,
                        double* tot, double* part, double* comp) noexcept nogil:
     """OUT tot[j] = sum over k < K, k != ex[j] of exp(p[k*s + j] - m[j]).
     part and comp are scratch of w doubles."""
     cdef Py_ssize_t k, k0, k1, j
     cdef const floating* row
-    cdef double e
+    cdef double e, kd
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
@@ -137,9 +160,10 @@ cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t
             part[j] = 0.0
         for k in range(k0, k1):
             row = p + k * s
+            kd = <double>k
             for j in range(w):
-                e = cylsm_exp(row[j] - m[j])
-                part[j] += 0.0 if k == ex[j] else e
+                e = exp_diff(row[j], m[j])
+                part[j] += 0.0 if kd == ex[j] else e
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -201,8 +225,8 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     cdef double tot[W]
     cdef double part[W]
     cdef double comp[W]
-    cdef Py_ssize_t a[W]
-    cdef Py_ssize_t ex[W]
+    cdef double a[W]
+    cdef double ex[W]
     cdef Py_ssize_t K = n // W
     cdef Py_ssize_t tail = K * W
     cdef Py_ssize_t i, j, ia = -1
@@ -212,8 +236,8 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         if m[j] > mx:
             mx = m[j]
     for j in range(W):
-        if a[j] >= 0 and m[j] == mx and (ia < 0 or a[j] * W + j < ia):
-            ia = a[j] * W + j
+        if a[j] >= 0 and m[j] == mx and (ia < 0 or <Py_ssize_t>a[j] * W + j < ia):
+            ia = <Py_ssize_t>a[j] * W + j
     for i in range(tail, n):
         v = x[i]
         if v > mx:
@@ -225,15 +249,15 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         return
     for j in range(W):
         mm[j] = mx
-        ex[j] = -1
+        ex[j] = -1.0
     if ia < tail:
-        ex[ia % W] = ia // W
+        ex[ia % W] = <double>(ia // W)
     panel_sumexp(x, K, W, W, mm, ex, tot, part, comp)
     for j in range(W):
         t += tot[j]
     for i in range(tail, n):
         if i != ia:
-            t += cylsm_exp(x[i] - mx)
+            t += exp_diff(x[i], mx)
     L[0] = log1p(t)
     S[0] = 1.0 + t
 
@@ -241,7 +265,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                     double* M, double* L, double* S) noexcept nogil:
     """M, L, S of w <= JB neighbouring columns of n elements, s apart."""
-    cdef Py_ssize_t a[JB]
+    cdef double a[JB]
     cdef double tot[JB]
     cdef double part[JB]
     cdef double comp[JB]
@@ -280,7 +304,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:
         for i in range(n):
-            out[i] = <floating>(cylsm_exp(x[i] - M) / S)
+            out[i] = <floating>(exp_diff(x[i], M) / S)
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     else:
@@ -289,7 +313,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
             gr = 0.0
             M = 0.0
         for i in range(n):
-            out[i] = <floating>(gr * cylsm_exp((x[i] - M) - L))
+            out[i] = <floating>(gr * exp_diff2(x[i], M, L))
 
 
 cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
@@ -320,10 +344,10 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
         elif op == OP_SOFTMAX:
             for j in range(w):
-                orow[j] = <floating>(cylsm_exp(xr[j] - M[j]) / S[j])
+                orow[j] = <floating>(exp_diff(xr[j], M[j]) / S[j])
         else:
             for j in range(w):
-                orow[j] = <floating>(S[j] * cylsm_exp((xr[j] - M[j]) - L[j]))
+                orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
 
 
 cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
@@ -492,7 +516,7 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
-                two_sum_add(&tot, &comp, bk * cylsm_exp(v - mx))
+                two_sum_add(&tot, &comp, bk * exp_diff(v, mx))
     M[0] = mx
     mw[0] = wsum
     rest[0] = tot + comp
@@ -549,7 +573,7 @@ cdef void weighted_grad_line(const floating* g, const floating* x, const floatin
         scale = g[0] / (mw + rest)
     for k in range(n):
         bk = b[k * s]
-        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * cylsm_exp(x[k * s] - M))
+        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff(x[k * s], M))
 
 
 def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,

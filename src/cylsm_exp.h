@@ -21,9 +21,15 @@
 #define CYLSM_EXP_H
 
 #include <stdint.h>
-#include <string.h>
 
-static inline double cylsm_exp(double x)
+/* Type punning through a union (GCC/Clang/MSVC define it); memcpy would keep the vectorizer off. */
+typedef union { double d; uint64_t u; } cylsm_bits;
+
+/* exp(x + lo) where lo is a correction far below ulp(x), typically the rounding error of the
+ * difference that produced x (see cylsm_two_diff): lo joins the reduced argument r, so
+ * exp(a - b) comes out as accurate as if a - b had been exact.  lo is ignored when x is not a
+ * finite number in the clamp range. */
+static inline double cylsm_exp_lo(double x, double lo)
 {
     const double shifter = 0x1.8p52;                 /* 1.5 * 2^52 */
     const uint64_t shifter_bits = 0x4338000000000000ULL;
@@ -33,25 +39,21 @@ static inline double cylsm_exp(double x)
 
     double xc = x < -1100.0 ? -1100.0 : x;           /* NaN compares false: kept */
     xc = xc > 1100.0 ? 1100.0 : xc;
+    lo = xc == x ? lo : 0.0;                         /* clamped, inf or NaN: no correction */
 
+    cylsm_bits kb, hb, s1, s2;
     double kd = xc * log2e + shifter;
-    uint64_t kbits;
-    memcpy(&kbits, &kd, sizeof kbits);
+    kb.d = kd;
     kd -= shifter;                                   /* k as an exact double */
-    double r = (xc - kd * ln2_hi) - kd * ln2_lo;
+    double r = ((xc - kd * ln2_hi) + lo) - kd * ln2_lo;
 
     /* Split k = k1 + k2 with both halves giving normal powers of two. */
-    double hd = kd * 0.5 + shifter;
-    uint64_t hbits;
-    memcpy(&hbits, &hd, sizeof hbits);
-    uint64_t k = kbits - shifter_bits;               /* two's complement k */
-    uint64_t k1 = hbits - shifter_bits;
+    hb.d = kd * 0.5 + shifter;
+    uint64_t k = kb.u - shifter_bits;                /* two's complement k */
+    uint64_t k1 = hb.u - shifter_bits;
     uint64_t k2 = k - k1;
-    uint64_t s1bits = (k1 + 1023u) << 52;
-    uint64_t s2bits = (k2 + 1023u) << 52;
-    double s1, s2;
-    memcpy(&s1, &s1bits, sizeof s1);
-    memcpy(&s2, &s2bits, sizeof s2);
+    s1.u = (k1 + 1023u) << 52;
+    s2.u = (k2 + 1023u) << 52;
 
     /* q(r) = sum_{j=2}^{13} r^(j-2) / j!, evaluated by Estrin's scheme for throughput. */
     double r2 = r * r;
@@ -68,7 +70,21 @@ static inline double cylsm_exp(double x)
     double b2 = a4 + r2 * a5;
     double q = (b0 + r4 * b1) + r8 * b2;
     double y = 1.0 + (r + r2 * q);
-    return (y * s1) * s2;
+    return (y * s1.d) * s2.d;
+}
+
+static inline double cylsm_exp(double x)
+{
+    return cylsm_exp_lo(x, 0.0);
+}
+
+/* a - b, and in *lo its rounding error: a - b == result + *lo exactly (Knuth's TwoSum). */
+static inline double cylsm_two_diff(double a, double b, double *lo)
+{
+    double s = a - b;
+    double bb = s - a;
+    *lo = (a - (s - bb)) - (b + bb);
+    return s;
 }
 
 #endif
