@@ -1,0 +1,281 @@
+"""SPEC section 4: errors in ulps against a higher-precision reference (float64 for float32
+inputs, 80-bit long double for float64 inputs) for row lengths 1 to 10^6; log1p near zero;
+subnormal results; bitwise reproducibility across calls and thread counts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from _reference import (
+    LD,
+    eps,
+    higher,
+    lse_err,
+    max_ulp,
+    ref_log_softmax,
+    ref_log_softmax_backward,
+    ref_logsumexp,
+    ref_softmax,
+    ref_softmax_backward,
+    scipy_ref,
+    ulp_err,
+)
+
+DTYPES = [np.float32, np.float64]
+SIZES = [1, 2, 10, 1000, 10**5, 10**6]
+
+
+def make(kind, shape, dtype, seed):
+    """Test data: the last axis is the row."""
+    g = np.random.default_rng(seed)
+    if kind == "normal":  # lse well above the maximum, every y_i clearly negative
+        x = g.standard_normal(shape) * 3
+    elif kind == "wide":  # spread over the whole exp range of float32
+        x = g.uniform(-80, 80, shape)
+    elif kind == "peaked":
+        # one clear maximum (not at 0, so x_i - max is rounded) and the rest ~40 below it:
+        # y_max = -log1p(tiny) is near zero, where log(s) loses all its relative accuracy
+        x = g.standard_normal(shape) * 2 + 0.7 - 40
+        idx = g.integers(0, shape[-1], shape[:-1])
+        np.put_along_axis(x, idx[..., None], 0.7 + g.random(shape[:-1] + (1,)) * 0.01, axis=-1)
+    elif kind == "offset":  # |lse| large: absolute error allowed eps * |lse|
+        x = g.standard_normal(shape) + 1e4
+    elif kind == "close":  # nearly equal values: lse close to max + log n
+        x = 5.0 + g.standard_normal(shape) * 1e-6
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    return x.astype(dtype)
+
+
+def rows_for(n):
+    """Enough rows to see many cases, few enough to stay fast."""
+    return max(1, min(64, 20000 // n))
+
+
+KINDS = ["normal", "wide", "peaked", "offset", "close"]
+
+
+def _cases():
+    for n in SIZES:
+        for kind in KINDS:
+            if n >= 10**5 and kind in ("wide", "close"):
+                continue  # the long rows: three kinds are enough
+            yield n, kind
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,kind", CASES, ids=[f"{k}-{n}" for n, k in CASES])
+def test_logsumexp_error(lsm, dtype, n, kind):
+    x = make(kind, (rows_for(n), n), dtype, seed=n + len(kind))
+    r = lsm.logsumexp(x, axis=-1)
+    ref = ref_logsumexp(x, axis=-1)
+    worst = float(lse_err(r, ref, dtype).max())
+    assert worst <= 1.0, f"{worst:.3f} eps * max(1, |lse|)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,kind", CASES, ids=[f"{k}-{n}" for n, k in CASES])
+def test_log_softmax_error(lsm, dtype, n, kind):
+    x = make(kind, (rows_for(n), n), dtype, seed=n + 7 * len(kind))
+    y = lsm.log_softmax(x, axis=-1)
+    ref = ref_log_softmax(x, axis=-1)
+    e = ulp_err(y, ref, dtype)
+    worst = float(e.max())
+    # the maximum element (near zero for "peaked") is included
+    imax = np.argmax(x, axis=-1)
+    at_max = float(np.take_along_axis(e, imax[:, None], axis=-1).max())
+    assert worst <= 4, f"worst {worst:.2f} ulp (at the row maxima: {at_max:.2f} ulp)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 10, 1000])
+@pytest.mark.parametrize("kind", ["normal", "peaked", "wide"])
+def test_column_kernel_error(lsm, dtype, n, kind):
+    # the same data reduced over axis 0 of a C-ordered array (strided columns)
+    x = np.ascontiguousarray(make(kind, (rows_for(n), n), dtype, seed=3 * n).T)
+    r = lsm.logsumexp(x, axis=0)
+    assert float(lse_err(r, ref_logsumexp(x, axis=0), dtype).max()) <= 1.0
+    y = lsm.log_softmax(x, axis=0)
+    assert max_ulp(y, ref_log_softmax(x, axis=0), dtype) <= 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [10, 1000, 10**5])
+def test_full_reduction_error(lsm, dtype, n):
+    x = make("normal", (n,), dtype, seed=n)
+    r = lsm.logsumexp(x)
+    assert lse_err(r, ref_logsumexp(x), dtype) <= 1.0
+    x2 = make("normal", (7, n // 7 + 1), dtype, seed=n + 1)
+    r2 = lsm.logsumexp(x2)
+    assert lse_err(r2, ref_logsumexp(x2), dtype) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [10, 1000, 10**5])
+@pytest.mark.parametrize("kind", ["normal", "peaked"])
+def test_softmax_no_worse_than_scipy(lsm, dtype, n, kind):
+    x = make(kind, (rows_for(n), n), dtype, seed=n + 11)
+    p = lsm.softmax(x, axis=-1)
+    ref = ref_softmax(x, axis=-1)
+    with np.errstate(all="ignore"):
+        import scipy.special
+
+        ps = scipy.special.softmax(x, axis=-1)  # in the input's dtype
+    ours = max_ulp(p, ref, dtype)
+    theirs = max_ulp(ps, ref, dtype)
+    assert ours <= max(theirs, 2) + 1, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [10, 1000, 10**5])
+def test_backward_no_worse_than_plain_formula(lsm, dtype, n):
+    # the plain formulas (what torch and jax evaluate), in the input dtype with NumPy's
+    # pairwise sums, set the bar; errors are scaled by the size of the terms
+    x = make("normal", (rows_for(n), n), dtype, seed=n + 13)
+    g = make("normal", (rows_for(n), n), dtype, seed=n + 14)
+    y = lsm.log_softmax(x)
+    p = lsm.softmax(x)
+    hp = higher(dtype)
+    e = eps(dtype)
+
+    ref = ref_log_softmax_backward(g, y, hp=hp)
+    scale = np.abs(g.astype(hp)) + np.exp(y.astype(hp)) * np.sum(np.abs(g.astype(hp)), -1, keepdims=True)
+    ours = np.max(np.abs(lsm.log_softmax_backward(g, y).astype(hp) - ref) / scale) / e
+    plain = g - np.exp(y) * np.sum(g, -1, keepdims=True)
+    theirs = np.max(np.abs(plain.astype(hp) - ref) / scale) / e
+    assert ours <= max(theirs, 1) + 1, (float(ours), float(theirs))
+
+    ref = ref_softmax_backward(g, p, hp=hp)
+    ph, gh = p.astype(hp), g.astype(hp)
+    scale = ph * (np.abs(gh) + np.sum(np.abs(gh * ph), -1, keepdims=True))
+    ok = scale > 0
+    ours = np.max(np.abs(lsm.softmax_backward(g, p).astype(hp) - ref)[ok] / scale[ok]) / e
+    plain = p * (g - np.sum(g * p, -1, keepdims=True))
+    theirs = np.max(np.abs(plain.astype(hp) - ref)[ok] / scale[ok]) / e
+    assert ours <= max(theirs, 1) + 1, (float(ours), float(theirs))
+
+
+# ------------------------------------------------------------------------------------------
+# near zero: log1p
+
+
+def test_logsumexp_0_minus_40(lsm):
+    r = lsm.logsumexp(np.array([0.0, -40.0]))
+    assert r == 4.248354255291589e-18
+    assert lsm.logsumexp([0, -40]) == 4.248354255291589e-18
+    assert lsm.logsumexp(np.array([-40.0, 0.0])) == 4.248354255291589e-18
+    # scipy agrees (and torch/jax give 0)
+    assert scipy_ref("logsumexp", np.array([0.0, -40.0])) == 4.248354255291589e-18
+    y = lsm.log_softmax(np.array([0.0, -40.0]))
+    assert y[0] == -4.248354255291589e-18
+    assert y[1] == -40.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 10, 1000, 10**5])
+def test_near_zero_in_ulps(lsm, dtype, n):
+    # maximum exactly 0: logsumexp = log1p(sum of the small terms), near 0; relative accuracy
+    g = np.random.default_rng(n)
+    x = (g.standard_normal((4, n)) - 30).astype(dtype)
+    x[:, n // 2] = 0
+    r = lsm.logsumexp(x, axis=1)
+    ref = ref_logsumexp(x, axis=1)
+    assert np.all(r > 0)
+    assert max_ulp(r, ref, dtype) <= 4
+    y = lsm.log_softmax(x, axis=1)
+    assert np.all(y[:, n // 2] < 0)
+    assert max_ulp(y, ref_log_softmax(x, axis=1), dtype) <= 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_results_long_row(lsm, dtype):
+    gap = {np.float32: 95.0, np.float64: 730.0}[dtype]
+    n = 1000
+    x = np.full((2, n), -gap, dtype)
+    x[:, 0] = 0
+    x[1, 1:] -= np.linspace(0, 3, n - 1).astype(dtype)
+    r = lsm.logsumexp(x, axis=1)
+    y = lsm.log_softmax(x, axis=1)
+    p = lsm.softmax(x, axis=1)
+    tiny = np.finfo(dtype).smallest_normal
+    assert np.all((0 < r) & (r < tiny))
+    assert np.all((-tiny < y[:, 0]) & (y[:, 0] < 0))
+    assert np.all(p[:, 1:] > 0)
+    # The exact results are subnormal; so is every exp(x_i - max) term, each rounded to the
+    # (absolute) subnormal spacing before the sum: up to n/2 spacings of error are inherent to
+    # working precision, far inside logsumexp's eps * max(1, |r|) bound.
+    assert float(lse_err(r, ref_logsumexp(x, axis=1), dtype).max()) <= 1.0
+    assert max_ulp(r, ref_logsumexp(x, axis=1), dtype) <= 2 + n / 2
+    assert max_ulp(y[:, 0], ref_log_softmax(x, axis=1)[:, 0], dtype) <= 2 + n / 2
+    np.testing.assert_allclose(r, ref_logsumexp(x, axis=1).astype(np.float64), rtol=1e-4)
+    # a softmax entry is a single term: a couple of spacings at most
+    assert max_ulp(p[:, 1:], ref_softmax(x, axis=1)[:, 1:], dtype) <= 2
+
+
+# ------------------------------------------------------------------------------------------
+# reproducibility
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repeated_calls_bitwise_identical(lsm, dtype):
+    x = make("normal", (10**6,), dtype, seed=5)
+    x2 = make("normal", (100, 2000), dtype, seed=6)
+    r = [lsm.logsumexp(x) for _ in range(3)]
+    assert r[0].tobytes() == r[1].tobytes() == r[2].tobytes()
+    y0 = lsm.log_softmax(x)
+    assert_array_equal(lsm.log_softmax(x), y0)
+    assert lsm.log_softmax(x).tobytes() == y0.tobytes()
+    p0 = lsm.softmax(x2, axis=0)
+    assert lsm.softmax(x2, axis=0).tobytes() == p0.tobytes()
+    l0 = lsm.logsumexp(x2, axis=1)
+    assert lsm.logsumexp(x2, axis=1).tobytes() == l0.tobytes()
+    g = make("normal", (10**6,), dtype, seed=7)
+    d0 = lsm.log_softmax_backward(g, y0)
+    assert lsm.log_softmax_backward(g, y0).tobytes() == d0.tobytes()
+
+
+_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys
+    import numpy as np
+    import cylsm
+    from cylsm import _api, _select
+    _api._K = _select.load(sys.argv[1])
+    h = hashlib.sha256()
+    for dtype in (np.float32, np.float64):
+        g = np.random.default_rng(1)
+        x = (g.standard_normal(10**6) * 3).astype(dtype)
+        x2 = (g.standard_normal((3000, 300)) * 3).astype(dtype)
+        for r in (cylsm.logsumexp(x), cylsm.log_softmax(x), cylsm.softmax(x),
+                  cylsm.logsumexp(x2, axis=1), cylsm.logsumexp(x2, axis=0),
+                  cylsm.log_softmax(x2, axis=0), cylsm.softmax(x2, axis=1),
+                  cylsm.logsumexp_backward(1.0, x),
+                  cylsm.log_softmax_backward(x, cylsm.log_softmax(x))):
+            h.update(np.ascontiguousarray(r).tobytes())
+    print(h.hexdigest())
+    """
+)
+
+
+def test_thread_count_bitwise_identical(request, lsm):
+    name = request.node.callspec.params["lsm"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lsm.__file__)))
+    digests = {}
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        res = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT, name], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        digests[threads] = res.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
+    assert len(digests["1"]) == 64

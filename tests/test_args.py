@@ -1,0 +1,694 @@
+"""SPEC section 2: bad arguments and their exceptions for every public function (inputs left
+unchanged), plus the ``where=``, ``b=`` and ``return_sign=`` arguments."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.exceptions import AxisError
+from numpy.testing import assert_array_equal
+
+from _reference import (
+    assert_lse_backward_close,
+    assert_lse_close,
+    assert_ulp_close,
+    eps,
+    no_warnings,
+    quiet,
+    ref_log_softmax,
+    ref_log_softmax_backward,
+    ref_logsumexp,
+    ref_logsumexp_backward,
+    ref_softmax,
+    ref_softmax_backward,
+    same_special,
+)
+
+INF = np.inf
+NAN = np.nan
+FORWARD = ["log_softmax", "softmax", "logsumexp"]
+BACKWARD = ["log_softmax_backward", "softmax_backward", "logsumexp_backward"]
+ALL = FORWARD + BACKWARD
+
+
+def data(shape, dtype=np.float64, seed=0):
+    return (np.random.default_rng(seed).standard_normal(shape) * 2).astype(dtype)
+
+
+def invoke(lsm, name, x, axis="default", **kw):
+    """Call ``name`` with ``x`` as its data input; backward functions get a matching valid
+    upstream gradient (float, of x's result dtype where x is numeric)."""
+    f = getattr(lsm, name)
+    akw = {} if axis == "default" else {"axis": axis}
+    if name in FORWARD:
+        return f(x, **akw, **kw)
+    g = kw.pop("grad", None)
+    if g is None:
+        xd = np.asarray(x).dtype
+        gdtype = xd if xd.kind == "f" else np.float64
+        if name == "logsumexp_backward":
+            try:
+                shape = np.sum(np.zeros(np.shape(x)), **akw, keepdims=kw.get("keepdims", False)).shape
+            except (ValueError, IndexError):  # bad axis: any grad will do
+                shape = ()
+        else:
+            shape = np.shape(x)
+        g = np.ones(shape, gdtype)
+    return f(g, x, **akw, **kw)
+
+
+def out_shape(name, x, axis="default", keepdims=False):
+    x = np.asarray(x)
+    if name == "logsumexp":
+        akw = {} if axis == "default" else {"axis": axis}
+        return np.shape(np.sum(x, **akw, keepdims=keepdims))
+    return x.shape
+
+
+# ------------------------------------------------------------------------------------------
+# axis errors
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("axis", [2, -3, 5, (0, 2), (-3,), (1, 7)], ids=str)
+def test_axis_out_of_range(lsm, name, axis):
+    x = data((3, 4))
+    before = x.copy()
+    with pytest.raises(AxisError):
+        invoke(lsm, name, x, axis=axis)
+    assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("axis", [1, -2, (0, 1)], ids=str)
+def test_axis_out_of_range_0d(lsm, name, axis):
+    x = np.array(1.5)
+    with pytest.raises(AxisError):
+        invoke(lsm, name, x, axis=axis)
+    assert x == 1.5
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("axis", [(0, 0), (1, -1), (0, 1, 0), (-2, 0)], ids=str)
+def test_axis_repeated(lsm, name, axis):
+    x = data((3, 4))
+    before = x.copy()
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, axis=axis)
+    assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("axis", [0, -1, None])
+def test_axis_0d_ok(lsm, name, axis):
+    x = np.array(1.5)
+    r = invoke(lsm, name, x, axis=axis)
+    assert np.shape(r) == ()
+    expect = {"log_softmax": 0.0, "softmax": 1.0, "logsumexp": 1.5,
+              "log_softmax_backward": 1.0 - np.exp(1.5) * 1.0,  # grad - exp(y) * sum(grad)
+              "softmax_backward": 1.5 * (1.0 - 1.5),  # p * (grad - grad * p)
+              "logsumexp_backward": 1.0}[name]
+    np.testing.assert_allclose(r, expect, rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------
+# dtype errors
+
+
+def bad_arrays():
+    return {
+        "complex128": np.array([1 + 1j, 2.0]),
+        "complex64": np.array([1 + 1j, 2.0], np.complex64),
+        "object": np.array([1.0, 2.0], dtype=object),
+        "str": np.array(["a", "b"]),
+        "datetime64": np.array(["2020-01-01", "2021-01-01"], dtype="datetime64[D]"),
+    }
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("kind", list(bad_arrays()))
+def test_unsupported_dtype(lsm, name, kind):
+    x = bad_arrays()[kind]
+    before = x.copy()
+    with pytest.raises(TypeError) as info:
+        invoke(lsm, name, x, axis=-1)
+    msg = str(info.value)
+    names = {
+        "complex128": ["complex128"],
+        "complex64": ["complex64"],
+        "object": ["object", "O"],
+        "str": ["<U1", "U1", "str"],
+        "datetime64": ["datetime64"],
+    }[kind]
+    assert any(n in msg for n in names), msg
+    assert "float" in msg, msg  # says what is supported
+    assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("name", ["log_softmax_backward", "softmax_backward"])
+def test_unsupported_grad_dtype(lsm, name):
+    y = lsm.log_softmax(data((2, 3)))
+    g = np.ones((2, 3), complex)
+    with pytest.raises(TypeError, match="complex"):
+        getattr(lsm, name)(g, y)
+    assert_array_equal(g, np.ones((2, 3)))
+    with pytest.raises(TypeError):
+        getattr(lsm, name)(np.ones((2, 3)), y.astype(object))
+
+
+def test_unsupported_logsumexp_backward_grad_dtype(lsm):
+    x = data((2, 3))
+    with pytest.raises(TypeError, match="complex"):
+        lsm.logsumexp_backward(np.ones(2, complex), x, axis=1)
+    with pytest.raises(TypeError):
+        lsm.logsumexp_backward(np.ones(2), x.astype(complex), axis=1)
+
+
+@pytest.mark.parametrize("name", FORWARD)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex128, object, "U3",
+                                   "datetime64[s]", np.uint8], ids=str)
+def test_dtype_argument_not_float(lsm, name, dtype):
+    x = data((2, 3))
+    before = x.copy()
+    with pytest.raises(TypeError):
+        invoke(lsm, name, x, dtype=dtype)
+    assert_array_equal(x, before)
+
+
+# ------------------------------------------------------------------------------------------
+# out= errors
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_out_not_an_array(lsm, name):
+    x = data((2, 3))
+    shape = out_shape(name, x)
+    for bad in ([[0.0] * 3] * 2, 0.0, (1.0, 2.0), memoryview(np.zeros(shape).ravel())):
+        with pytest.raises(TypeError):
+            invoke(lsm, name, x, out=bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("axis", [0, -1], ids=str)
+def test_out_wrong_shape(lsm, name, axis):
+    x = data((3, 4))
+    before = x.copy()
+    shape = out_shape(name, x, axis)
+    bad_shapes = [shape + (1,), shape[::-1] if len(shape) > 1 else (shape[0] + 1,), (1,) + shape,
+                  (12,), ()]
+    for s in bad_shapes:
+        if s == shape:
+            continue
+        out = np.zeros(s)
+        with pytest.raises(ValueError):
+            invoke(lsm, name, x, axis=axis, out=out)
+        assert np.all(out == 0)
+    assert_array_equal(x, before)
+
+
+def test_out_keepdims_shape(lsm):
+    x = data((3, 4))
+    with pytest.raises(ValueError):
+        lsm.logsumexp(x, axis=1, out=np.zeros((3, 1)))
+    with pytest.raises(ValueError):
+        lsm.logsumexp(x, axis=1, keepdims=True, out=np.zeros(3))
+    with pytest.raises(ValueError):
+        lsm.logsumexp(x, out=np.zeros(1))
+    with pytest.raises(ValueError):
+        lsm.logsumexp(x, keepdims=True, out=np.zeros(()))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("xdtype,odtype", [(np.float64, np.float32), (np.float32, np.float64),
+                                           (np.float64, np.int64), (np.float64, np.complex128),
+                                           (np.float64, np.longdouble), (np.int32, np.int32),
+                                           (np.float32, np.float16)], ids=str)
+def test_out_wrong_dtype(lsm, name, xdtype, odtype):
+    x = (data((3, 4)) * 3).astype(xdtype)
+    before = x.copy()
+    out = np.zeros(out_shape(name, x), odtype)
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, out=out)
+    assert np.all(out == 0)
+    assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_out_readonly(lsm, name):
+    x = data((3, 4))
+    out = _readonly(np.zeros(out_shape(name, x)))
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, out=out)
+    assert np.all(out == 0)
+    # a read-only view of a writable buffer is refused too
+    buf = np.zeros(out_shape(name, x))
+    view = buf.view()
+    view.flags.writeable = False
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, out=view)
+    assert np.all(buf == 0)
+
+
+def test_out_dtype_for_cast_inputs(lsm):
+    # ints are computed in float64: an int out is refused, a float64 out accepted
+    x = np.arange(6).reshape(2, 3)
+    with pytest.raises(ValueError):
+        lsm.log_softmax(x, out=np.zeros((2, 3), np.float32))
+    out = np.zeros((2, 3))
+    assert lsm.log_softmax(x, out=out) is out
+    # float16 results are float16
+    h = np.ones((2, 3), np.float16)
+    with pytest.raises(ValueError):
+        lsm.softmax(h, out=np.zeros((2, 3), np.float32))
+    # with dtype=, out must have that dtype
+    with pytest.raises(ValueError):
+        lsm.softmax(np.ones((2, 3)), dtype=np.float32, out=np.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------------------------------
+# shape mismatch in the backward functions
+
+
+@pytest.mark.parametrize("name", ["log_softmax_backward", "softmax_backward"])
+@pytest.mark.parametrize("gshape,yshape", [((3, 4), (3, 5)), ((4,), (3, 5)), ((2, 3, 4), (3, 2)),
+                                           ((5, 3), (3, 5))], ids=str)
+def test_backward_shape_mismatch(lsm, name, gshape, yshape):
+    g = data(gshape, seed=1)
+    y = lsm.log_softmax(data(yshape, seed=2))
+    if name == "softmax_backward":
+        y = np.exp(y)
+    gb, yb = g.copy(), y.copy()
+    with pytest.raises(ValueError) as info:
+        getattr(lsm, name)(g, y)
+    msg = str(info.value)
+    assert str(gshape) in msg and str(yshape) in msg, msg
+    assert_array_equal(g, gb)
+    assert_array_equal(y, yb)
+
+
+@pytest.mark.parametrize(
+    "xshape,axis,keepdims,gshape",
+    [
+        ((3, 4), 1, False, (4,)),
+        ((3, 4), 1, False, (3, 1)),  # keepdims shape given without keepdims
+        ((3, 4), 1, True, (3,)),  # plain shape given with keepdims
+        ((3, 4), None, False, (1,)),
+        ((3, 4), None, True, ()),
+        ((3, 4), 0, False, (3,)),
+        ((2, 3, 4), (0, 2), False, (2,)),
+        ((2, 3, 4), (0, 2), True, (1, 3)),
+    ],
+    ids=str,
+)
+def test_logsumexp_backward_shape_mismatch(lsm, xshape, axis, keepdims, gshape):
+    x = data(xshape)
+    g = np.ones(gshape)
+    xb = x.copy()
+    with pytest.raises(ValueError) as info:
+        lsm.logsumexp_backward(g, x, axis=axis, keepdims=keepdims)
+    msg = str(info.value)
+    expect = np.sum(x, axis=axis, keepdims=keepdims).shape
+    assert str(gshape) in msg and str(expect) in msg, msg
+    assert_array_equal(x, xb)
+    assert np.all(g == 1)
+
+
+# ------------------------------------------------------------------------------------------
+# where=
+
+
+def test_where_must_be_boolean(lsm):
+    x = data((2, 3))
+    for name in ALL:
+        for bad in (np.array([1, 0, 1]), np.array([1.0, 0.0, 1.0]), [1, 0, 1]):
+            with pytest.raises(TypeError):
+                invoke(lsm, name, x, where=bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_where_not_broadcastable(lsm, name):
+    x = data((2, 3))
+    before = x.copy()
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, where=np.ones(2, bool))
+    with pytest.raises(ValueError):
+        invoke(lsm, name, x, where=np.ones((2, 3, 2), bool))
+    assert_array_equal(x, before)
+
+
+def masked_case(dtype=np.float64, seed=3):
+    x = data((5, 7), dtype, seed=seed)
+    w = np.random.default_rng(seed).random((5, 7)) < 0.6
+    w[0] = False  # a fully masked row
+    w[1] = True  # a full row
+    w[2] = False
+    w[2, 3] = True  # a single kept entry
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("garbage", [None, NAN, INF, 1e30], ids=str)
+def test_where_forward(lsm, dtype, garbage):
+    x, w = masked_case(dtype)
+    if garbage is not None:
+        x[~w] = garbage  # masked entries take no part, whatever they hold
+    before = x.copy()
+    with no_warnings():
+        y = lsm.log_softmax(x, where=w)
+        p = lsm.softmax(x, where=w)
+        r = lsm.logsumexp(x, axis=1, where=w)
+        rk = lsm.logsumexp(x, axis=-1, keepdims=True, where=w)
+    assert_array_equal(x, before)
+    assert not np.isnan(y).any() and not np.isnan(p).any() and not np.isnan(r).any()
+    assert np.all(y[~w] == -INF)
+    assert np.all(p[~w] == 0)
+    assert_array_equal(y[0], np.full(7, -INF))
+    assert_array_equal(p[0], np.zeros(7))
+    assert r[0] == -INF
+    assert y[2, 3] == 0 and p[2, 3] == 1 and r[2] == x[2, 3]
+    xs = np.where(w, x, 0)
+    assert_ulp_close(y, ref_log_softmax(xs, where=w), dtype, 4)
+    logp = np.abs(np.log(np.where(p > 0, p, 1).astype(np.float64)))
+    assert_ulp_close(p, ref_softmax(xs, where=w), dtype, 4, rel_extra=eps(dtype) * logp)
+    assert_lse_close(r, ref_logsumexp(xs, axis=1, where=w), dtype)
+    assert_array_equal(rk[:, 0], r)
+    # the unmasked full row agrees with the unmasked computation
+    assert_ulp_close(y[1], lsm.log_softmax(x[1]), dtype, 8)
+
+
+def test_where_broadcast(lsm):
+    x = data((4, 6), seed=4)
+    w = np.array([True, False, True, True, False, True])
+    y = lsm.log_softmax(x, where=w)
+    full = np.broadcast_to(w, x.shape)
+    assert_ulp_close(y, lsm.log_softmax(x, where=full), np.float64, 8)
+    assert np.all(y[:, ~w] == -INF)
+    np.testing.assert_allclose(y[:, w], lsm.log_softmax(x[:, w]), rtol=4 * eps(np.float64))
+    r = lsm.logsumexp(x, axis=1, where=w)
+    np.testing.assert_allclose(r, lsm.logsumexp(x[:, w], axis=1), rtol=4 * eps(np.float64))
+    # a column mask reduced over axis 0
+    wc = np.array([[True], [False], [True], [True]])
+    p = lsm.softmax(x, axis=0, where=wc)
+    assert np.all(p[1] == 0)
+    np.testing.assert_allclose(p[[0, 2, 3]], lsm.softmax(x[[0, 2, 3]], axis=0),
+                               rtol=8 * eps(np.float64))
+    # a scalar mask
+    assert_ulp_close(lsm.softmax(x, where=np.True_), lsm.softmax(x), np.float64, 8)
+    assert np.all(lsm.log_softmax(x, where=np.False_) == -INF)
+    assert lsm.logsumexp(x, where=False) == -INF
+
+
+@pytest.mark.parametrize("axis", [0, None, (0, 2)], ids=str)
+def test_where_axes(lsm, axis):
+    x = data((3, 4, 5), seed=5)
+    w = np.random.default_rng(5).random((3, 4, 5)) < 0.5
+    y = lsm.log_softmax(x, axis=axis, where=w)
+    assert np.all(y[~w] == -INF)
+    assert_ulp_close(y, ref_log_softmax(x, axis=axis, where=w), np.float64, 4)
+    r = lsm.logsumexp(x, axis=axis, where=w)
+    assert_lse_close(r, ref_logsumexp(x, axis=axis, where=w), np.float64)
+    p = lsm.softmax(x, axis=axis, where=w)
+    assert np.all(p[~w] == 0)
+    with quiet():
+        np.testing.assert_allclose(p, ref_softmax(x, axis=axis, where=w), rtol=16 * eps(np.float64))
+
+
+def test_where_specials_in_kept_entries(lsm):
+    x = np.array([[INF, 1.0, NAN], [-INF, -INF, 5.0], [NAN, 2.0, 3.0]])
+    w = np.array([[True, True, False], [True, True, False], [False, True, True]])
+    with no_warnings():
+        r = lsm.logsumexp(x, axis=1, where=w)
+        y = lsm.log_softmax(x, where=w)
+        p = lsm.softmax(x, where=w)
+    # row 0: +inf kept, NaN masked; row 1: all kept are -inf; row 2: NaN masked
+    same_special(r, [INF, -INF, 3.0])
+    assert_lse_close(r[2], ref_logsumexp(np.array([2.0, 3.0])), np.float64)
+    same_special(y[0], [NAN, -INF, -INF])
+    same_special(p[0], [NAN, NAN, 0.0])
+    same_special(y[1], [NAN, NAN, -INF])
+    same_special(p[1], [NAN, NAN, 0.0])
+    assert y[2, 0] == -INF and p[2, 0] == 0
+    assert_ulp_close(y[2, 1:], ref_log_softmax(np.array([2.0, 3.0])), np.float64, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("garbage", [None, NAN, 1e30], ids=str)
+def test_where_backward(lsm, dtype, garbage):
+    x, w = masked_case(dtype, seed=6)
+    g = data(x.shape, dtype, seed=7)
+    y = lsm.log_softmax(x, where=w)
+    p = lsm.softmax(x, where=w)
+    if garbage is not None:
+        g[~w] = garbage
+        y = y.copy()
+        y[~w] = garbage
+        p = p.copy()
+        p[~w] = garbage
+    gb, yb, pb = g.copy(), y.copy(), p.copy()
+    with no_warnings():
+        dy = lsm.log_softmax_backward(g, y, where=w)
+        dp = lsm.softmax_backward(g, p, where=w)
+    assert_array_equal(g, gb)
+    assert_array_equal(y, yb)
+    assert_array_equal(p, pb)
+    assert np.all(dy[~w] == 0) and np.all(dp[~w] == 0)
+    assert not np.isnan(dy).any() and not np.isnan(dp).any()
+    assert_array_equal(dy[0], np.zeros(7))
+    assert_array_equal(dp[0], np.zeros(7))
+    # single kept entry: grad - 1 * grad = 0, p = 1: 1 * (grad - grad) = 0
+    assert dy[2, 3] == 0 and dp[2, 3] == 0
+    e = eps(dtype)
+    ref = ref_log_softmax_backward(g, y, where=w)
+    scale = np.abs(np.where(w, g, 0)) + np.exp(np.where(w, y, -INF)) * np.sum(
+        np.abs(np.where(w, g, 0)), axis=-1, keepdims=True)
+    assert np.all(np.abs(dy - ref) <= 8 * e * scale)
+    ref = ref_softmax_backward(g, p, where=w)
+    gw, pw = np.where(w, g, 0), np.where(w, p, 0)
+    scale = pw * (np.abs(gw) + np.sum(np.abs(gw * pw), axis=-1, keepdims=True))
+    assert np.all(np.abs(dp - ref) <= 8 * e * scale)
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_where_logsumexp_backward(lsm, keepdims):
+    x, w = masked_case(np.float64, seed=8)
+    x[~w] = NAN
+    g = data((5, 1) if keepdims else (5,), seed=9)
+    with no_warnings():
+        dx = lsm.logsumexp_backward(g, x, axis=1, keepdims=keepdims, where=w)
+    assert dx.shape == x.shape
+    assert not np.isnan(dx).any()
+    assert np.all(dx[~w] == 0)
+    assert_array_equal(dx[0], np.zeros(7))
+    gk = g if keepdims else g[:, None]
+    assert dx[2, 3] == gk[2, 0]  # a single kept entry has weight exactly 1
+    assert_lse_backward_close(dx, g, x, axis=1, keepdims=keepdims, where=w)
+    # masked entries take no part: the same as dropping them
+    kept = w[4]
+    alone = lsm.logsumexp_backward(gk[4, 0], x[4][kept])
+    assert_lse_backward_close(dx[4][kept], gk[4, 0], x[4][kept])
+    assert_ulp_close(dx[4][kept], alone, np.float64, 8,
+                     rel_extra=2 * eps(np.float64) * np.abs(np.log(np.abs(alone / gk[4, 0]))))
+
+
+# ------------------------------------------------------------------------------------------
+# b= and return_sign=
+
+
+def scipy_lse(x, **kw):
+    from scipy.special import logsumexp
+
+    with quiet():
+        return logsumexp(x, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, (0, 1)], ids=str)
+def test_b_positive(lsm, dtype, axis):
+    x = data((4, 6), dtype, seed=10)
+    b = (np.random.default_rng(10).random((4, 6)) * 3).astype(dtype)
+    xb, bb = x.copy(), b.copy()
+    r = lsm.logsumexp(x, axis=axis, b=b)
+    assert np.asarray(r).dtype == dtype
+    assert_array_equal(x, xb)
+    assert_array_equal(b, bb)
+    ref = scipy_lse(x.astype(np.float64), axis=axis, b=b.astype(np.float64))
+    np.testing.assert_allclose(r, ref, rtol=4 * eps(dtype), atol=4 * eps(dtype))
+    if axis is None:
+        assert type(r) is dtype
+
+
+def test_b_broadcast(lsm):
+    x = data((3, 5), seed=11)
+    b = np.array([1.0, 2.0, 0.5, 0.0, 3.0])
+    for axis in (None, 0, 1):
+        for keepdims in (False, True):
+            r = lsm.logsumexp(x, axis=axis, b=b, keepdims=keepdims)
+            ref = scipy_lse(x, axis=axis, b=b, keepdims=keepdims)
+            assert np.shape(r) == np.shape(ref)
+            np.testing.assert_allclose(r, ref, rtol=4 * eps(np.float64))
+    # b of shape (3, 1) and a scalar b
+    bc = np.array([[1.0], [2.0], [0.25]])
+    np.testing.assert_allclose(lsm.logsumexp(x, axis=1, b=bc), scipy_lse(x, axis=1, b=bc), rtol=4 * eps(np.float64))
+    np.testing.assert_allclose(lsm.logsumexp(x, axis=0, b=2.0), scipy_lse(x, axis=0, b=2.0), rtol=4 * eps(np.float64))
+    np.testing.assert_allclose(lsm.logsumexp(x, b=[[2.0]]), scipy_lse(x, b=[[2.0]]), rtol=4 * eps(np.float64))
+
+
+def test_b_broadcast_enlarges_x(lsm):
+    # "b broadcasts jointly with x, as in scipy": the result takes the joint shape
+    x = np.array([0.5, 1.0, -2.0])
+    b = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    r = lsm.logsumexp(x, axis=-1, b=b)
+    ref = scipy_lse(x, axis=-1, b=b)
+    assert np.shape(r) == np.shape(ref) == (2,)
+    np.testing.assert_allclose(r, ref, rtol=4 * eps(np.float64))
+
+
+def test_b_not_broadcastable(lsm):
+    x = data((3, 5))
+    with pytest.raises(ValueError):
+        lsm.logsumexp(x, b=np.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("special", [INF, -INF, NAN], ids=str)
+def test_b_zero_excludes(lsm, dtype, special):
+    x = np.array([[1.0, special, 2.0], [special, special, 0.5]], dtype)
+    b = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 2.0]], dtype)
+    with no_warnings():
+        r = lsm.logsumexp(x, axis=1, b=b)
+        v, s = lsm.logsumexp(x, axis=1, b=b, return_sign=True)
+    ref = scipy_lse(x.astype(np.float64), axis=1, b=b.astype(np.float64))
+    assert np.all(np.isfinite(r))
+    np.testing.assert_allclose(r, ref, rtol=4 * eps(dtype))
+    np.testing.assert_allclose(r, [np.logaddexp(1.0, 2.0), 0.5 + np.log(2.0)], rtol=4 * eps(dtype))
+    assert_array_equal(v, r)
+    assert_array_equal(s, [1, 1])
+    # all weights zero: an empty sum, even over inf/NaN entries (SPEC: b == 0 entries are
+    # excluded even where x is inf or NaN; scipy 1.17 returns NaN here when x has a NaN/inf)
+    with no_warnings():
+        z = lsm.logsumexp(x, axis=1, b=np.zeros_like(x))
+    assert_array_equal(z, [-INF, -INF])
+
+
+def test_b_all_zero_finite(lsm):
+    x = np.array([[1.0, 2.0], [3.0, -1.0]])
+    with no_warnings():
+        z = lsm.logsumexp(x, axis=1, b=np.zeros_like(x))
+        v, s = lsm.logsumexp(x, axis=1, b=np.zeros_like(x), return_sign=True)
+    assert_array_equal(z, scipy_lse(x, axis=1, b=np.zeros_like(x)))
+    assert_array_equal(z, [-INF, -INF])
+    assert_array_equal(v, [-INF, -INF])
+    assert_array_equal(s, [0, 0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_b_negative_without_sign_is_nan(lsm, dtype):
+    x = np.array([[1.0, 2.0], [2.0, 1.0], [1.0, 1.0]], dtype)
+    b = np.array([[1.0, -1.0], [1.0, -1.0], [2.0, -1.0]], dtype)
+    with no_warnings():
+        r = lsm.logsumexp(x, axis=1, b=b)
+    ref = scipy_lse(x.astype(np.float64), axis=1, b=b.astype(np.float64))
+    assert np.isnan(r[0])  # negative sum
+    assert np.isnan(ref[0])
+    # a positive sum with a negative weight: same as scipy, log(2e - e) = 1 ... for row 2
+    np.testing.assert_allclose(r[1:], ref[1:], rtol=4 * eps(dtype))
+    np.testing.assert_allclose(r[2], 1.0, rtol=4 * eps(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [None, 0, 1], ids=str)
+def test_return_sign(lsm, dtype, axis):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((6, 5)).astype(dtype)
+    b = rng.standard_normal((6, 5)).astype(dtype)
+    with no_warnings():
+        res = lsm.logsumexp(x, axis=axis, b=b, return_sign=True)
+    assert isinstance(res, tuple) and len(res) == 2
+    v, s = res
+    rv, rs = scipy_lse(x.astype(np.float64), axis=axis, b=b.astype(np.float64), return_sign=True)
+    assert np.asarray(v).dtype == dtype
+    assert np.asarray(s).dtype == dtype
+    assert np.shape(v) == np.shape(s) == np.shape(rv)
+    assert_array_equal(s, rs)
+    assert set(np.unique(s)) <= {-1.0, 0.0, 1.0}
+    # compare the signed sums, at the scale of the terms (near-cancellation makes log|s|
+    # ill-conditioned)
+    x64, b64 = x.astype(np.float64), b.astype(np.float64)
+    mag = np.sum(np.abs(b64) * np.exp(x64), axis=axis)
+    diff = np.abs(s * np.exp(v.astype(np.float64)) - rs * np.exp(rv))
+    assert np.all(diff <= 16 * eps(dtype) * mag)
+    if axis is None:
+        assert type(v) is dtype and type(s) is dtype
+
+
+def test_return_sign_without_b(lsm):
+    x = data((3, 4), np.float32)
+    v, s = lsm.logsumexp(x, axis=1, return_sign=True)
+    assert_array_equal(v, lsm.logsumexp(x, axis=1))
+    assert_array_equal(s, np.ones(3, np.float32))
+    assert s.dtype == np.float32
+    v, s = lsm.logsumexp(np.full(3, -INF), return_sign=True)
+    assert v == -INF and s == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_cancellation(lsm, dtype):
+    x = np.array([[1.0, 1.0], [3.0, 3.0], [0.5, 2.0]], dtype)
+    b = np.array([[1.0, -1.0], [-2.0, 2.0], [1.0, -1.0]], dtype)
+    with no_warnings():
+        v, s = lsm.logsumexp(x, axis=1, b=b, return_sign=True)
+        plain = lsm.logsumexp(x, axis=1, b=b)
+    assert_array_equal(v[:2], [-INF, -INF])
+    assert_array_equal(s[:2], [0, 0])
+    assert s[2] == -1
+    rv, rs = scipy_lse(x.astype(np.float64), axis=1, b=b.astype(np.float64), return_sign=True)
+    assert_array_equal(s, rs)
+    np.testing.assert_allclose(v, rv, rtol=4 * eps(dtype))
+    # without return_sign: log(0) = -inf as scipy, and NaN for the negative sum
+    assert_array_equal(plain[:2], [-INF, -INF])
+    assert np.isnan(plain[2])
+    assert_array_equal(plain[:2], scipy_lse(x[:2].astype(np.float64), axis=1,
+                                            b=b[:2].astype(np.float64)))
+
+
+def test_return_sign_scalar_cancellation(lsm):
+    v, s = lsm.logsumexp([2.0, 2.0], b=[1.0, -1.0], return_sign=True)
+    assert v == -INF and s == 0
+    assert type(v) is np.float64 and type(s) is np.float64
+
+
+def test_return_sign_with_out(lsm):
+    x = data((4, 5), seed=13)
+    b = data((4, 5), seed=14)
+    out = np.empty(4)
+    v, s = lsm.logsumexp(x, axis=1, b=b, return_sign=True, out=out)
+    assert v is out
+    assert not np.shares_memory(s, out)
+    rv, rs = lsm.logsumexp(x, axis=1, b=b, return_sign=True)
+    assert_array_equal(out, rv)
+    assert_array_equal(s, rs)
+
+
+@pytest.mark.parametrize("special", [INF, NAN], ids=str)
+def test_return_sign_specials(lsm, special):
+    x = np.array([[special, 1.0], [1.0, 2.0]])
+    b = np.array([[1.0, 1.0], [0.0, -1.0]])
+    with no_warnings():
+        v, s = lsm.logsumexp(x, axis=1, b=b, return_sign=True)
+    rv, rs = scipy_lse(x, axis=1, b=b, return_sign=True)
+    same_special(v[0], rv[0])
+    assert v[1] == 2.0 and s[1] == -1
+    if special == INF:
+        assert s[0] == 1
+
+
+def test_b_with_float16(lsm):
+    x = np.array([1.0, 2.0, 3.0], np.float16)
+    b = np.array([1.0, 0.5, 2.0], np.float16)
+    r = lsm.logsumexp(x, b=b)
+    assert type(r) is np.float16
+    assert r == np.float16(lsm.logsumexp(x.astype(np.float32), b=b.astype(np.float32)))

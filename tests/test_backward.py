@@ -1,0 +1,467 @@
+"""Backward functions: the analytic formulas of SPEC section 1 (in long double), central finite
+differences of the forward functions, accuracy when |logsumexp| is large, -inf rows, layouts,
+out=, and an optional torch autograd oracle."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from _reference import (
+    assert_lse_backward_close,
+    ulp_err,
+    LD,
+    assert_ulp_close,
+    eps,
+    max_ulp,
+    no_warnings,
+    ref_log_softmax,
+    ref_log_softmax_backward,
+    ref_logsumexp_backward,
+    ref_softmax,
+    ref_softmax_backward,
+    norm_axes,
+    reduced_shape,
+)
+
+INF = np.inf
+NAN = np.nan
+DTYPES = [np.float32, np.float64]
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def data(shape, dtype=np.float64, seed=0, scale=2.0):
+    return (rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+def check_log_softmax_backward(dx, g, y, axis, dtype, where=None, k=8):
+    """|dx - ref| <= k eps (|g_i| + exp(y_i) sum |g|): the rounding of the formula's terms."""
+    axes = norm_axes(np.ndim(y), axis)
+    ref = ref_log_softmax_backward(g, y, axis=axis, where=where)
+    gl = np.abs(np.asarray(g).astype(LD))
+    if where is not None:
+        gl = np.where(where, gl, 0)
+    with np.errstate(all="ignore"):
+        scale = gl + np.exp(np.asarray(y).astype(LD)) * np.sum(gl, axis=axes, keepdims=True)
+    assert dx.shape == ref.shape
+    bad = ~(np.abs(dx.astype(LD) - ref) <= k * eps(dtype) * scale)
+    assert not bad.any(), (dx[bad][:4], ref[bad][:4])
+
+
+def check_softmax_backward(dx, g, p, axis, dtype, k=8):
+    axes = norm_axes(np.ndim(p), axis)
+    ref = ref_softmax_backward(g, p, axis=axis)
+    gl = np.asarray(g).astype(LD)
+    pl = np.asarray(p).astype(LD)
+    scale = pl * (np.abs(gl) + np.sum(np.abs(gl * pl), axis=axes, keepdims=True))
+    assert dx.shape == ref.shape
+    bad = ~(np.abs(dx.astype(LD) - ref) <= k * eps(dtype) * scale)
+    assert not bad.any(), (dx[bad][:4], ref[bad][:4])
+
+
+AXES = [-1, 0, 1, (0, 2), (2, 0), None, ()]
+
+
+# ------------------------------------------------------------------------------------------
+# analytic formulas
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", AXES, ids=str)
+def test_log_softmax_backward_formula(lsm, dtype, axis):
+    x = data((3, 4, 5), dtype, seed=1)
+    g = data((3, 4, 5), dtype, seed=2)
+    y = lsm.log_softmax(x, axis=axis)
+    gb, yb = g.copy(), y.copy()
+    dx = lsm.log_softmax_backward(g, y, axis=axis)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_array_equal(g, gb)
+    assert_array_equal(y, yb)
+    check_log_softmax_backward(dx, g, y, axis, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", AXES, ids=str)
+def test_softmax_backward_formula(lsm, dtype, axis):
+    x = data((3, 4, 5), dtype, seed=3)
+    g = data((3, 4, 5), dtype, seed=4)
+    p = lsm.softmax(x, axis=axis)
+    gb, pb = g.copy(), p.copy()
+    dx = lsm.softmax_backward(g, p, axis=axis)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_array_equal(g, gb)
+    assert_array_equal(p, pb)
+    check_softmax_backward(dx, g, p, axis, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", AXES, ids=str)
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_logsumexp_backward_formula(lsm, dtype, axis, keepdims):
+    x = data((3, 4, 5), dtype, seed=5)
+    gshape = reduced_shape(x.shape, axis, keepdims)
+    g = data(gshape, dtype, seed=6)
+    xb = x.copy()
+    dx = lsm.logsumexp_backward(g, x, axis=axis, keepdims=keepdims)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_array_equal(x, xb)
+    assert_lse_backward_close(dx, g, x, axis=axis, keepdims=keepdims)
+
+
+def test_logsumexp_backward_defaults(lsm):
+    x = data((4, 6), seed=7)
+    # axis=None, keepdims=False: a scalar upstream gradient
+    dx = lsm.logsumexp_backward(2.5, x)
+    assert_lse_backward_close(dx, 2.5, x)
+    dx0 = lsm.logsumexp_backward(np.float64(2.5), x)
+    assert_array_equal(dx0, dx)
+    # the weights of a full reduction sum to 1
+    np.testing.assert_allclose(np.sum(lsm.logsumexp_backward(1.0, x)), 1.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_logsumexp_backward_with_b(lsm, dtype, keepdims):
+    x = data((4, 6), dtype, seed=8)
+    b = (rng(8).random((4, 6)) * 2).astype(dtype)
+    b[1, 2] = 0
+    g = data((4, 1) if keepdims else (4,), dtype, seed=9)
+    dx = lsm.logsumexp_backward(g, x, axis=1, keepdims=keepdims, b=b)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert_lse_backward_close(dx, g, x, axis=1, keepdims=keepdims, b=b)
+    assert dx[1, 2] == 0
+    # broadcast b
+    bb = np.array([1.0, 2.0, 0.5, 1.0, 3.0, 0.25], dtype)
+    dx = lsm.logsumexp_backward(g, x, axis=1, keepdims=keepdims, b=bb)
+    assert_lse_backward_close(dx, g, x, axis=1, keepdims=keepdims, b=bb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_of_forward_consistency(lsm, dtype):
+    # d/dx logsumexp = softmax; log_softmax_backward(g, y) with g = one-hot is e_k - softmax
+    x = data((5, 8), dtype, seed=10)
+    dx = lsm.logsumexp_backward(np.ones(5, dtype), x, axis=1)
+    p = lsm.softmax(x)
+    assert_ulp_close(dx, p, dtype, 8, rel_extra=2 * eps(dtype) * np.abs(np.log(p.astype(np.float64))))
+    g = np.zeros((5, 8), dtype)
+    g[:, 3] = 1
+    d = lsm.log_softmax_backward(g, lsm.log_softmax(x))
+    e = -p.copy()
+    e[:, 3] += 1
+    np.testing.assert_allclose(d, e, rtol=16 * eps(dtype), atol=4 * eps(dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# finite differences of the forward functions (float64, small arrays)
+
+
+def numeric_grad(f, x, h=1e-6):
+    gx = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp = x.copy()
+        xm = x.copy()
+        xp[i] += h
+        xm[i] -= h
+        gx[i] = (f(xp) - f(xm)) / (2 * h)
+    return gx
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None, (0, 1)], ids=str)
+def test_finite_differences_log_softmax(lsm, axis):
+    x = data((3, 4), seed=11, scale=1.0)
+    w = data((3, 4), seed=12)
+    num = numeric_grad(lambda z: np.sum(w * lsm.log_softmax(z, axis=axis)), x)
+    ana = lsm.log_softmax_backward(w, lsm.log_softmax(x, axis=axis), axis=axis)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None, (1, 0)], ids=str)
+def test_finite_differences_softmax(lsm, axis):
+    x = data((3, 4), seed=13, scale=1.0)
+    w = data((3, 4), seed=14)
+    num = numeric_grad(lambda z: np.sum(w * lsm.softmax(z, axis=axis)), x)
+    ana = lsm.softmax_backward(w, lsm.softmax(x, axis=axis), axis=axis)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None, (0, 1)], ids=str)
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("with_b", [False, True])
+def test_finite_differences_logsumexp(lsm, axis, keepdims, with_b):
+    x = data((3, 4), seed=15, scale=1.0)
+    b = rng(16).random((3, 4)) + 0.1 if with_b else None
+    w = data(reduced_shape(x.shape, axis, keepdims), seed=17)
+    num = numeric_grad(
+        lambda z: np.sum(w * lsm.logsumexp(z, axis=axis, keepdims=keepdims, b=b)), x)
+    ana = lsm.logsumexp_backward(w, x, axis=axis, keepdims=keepdims, b=b)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+
+
+def test_finite_differences_where(lsm):
+    x = data((3, 5), seed=18, scale=1.0)
+    w = data((3, 5), seed=19)
+    m = rng(19).random((3, 5)) < 0.6
+    m[:, 0] = True
+    num = numeric_grad(lambda z: np.sum(np.where(m, w * lsm.log_softmax(z, where=m), 0)), x)
+    ana = lsm.log_softmax_backward(w, lsm.log_softmax(x, where=m), where=m)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+    num = numeric_grad(lambda z: np.sum(w * lsm.softmax(z, where=m)), x)
+    ana = lsm.softmax_backward(w, lsm.softmax(x, where=m), where=m)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+    g = data((3,), seed=20)
+    num = numeric_grad(lambda z: np.sum(g * lsm.logsumexp(z, axis=1, where=m)), x)
+    ana = lsm.logsumexp_backward(g, x, axis=1, where=m)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy when |logsumexp| is large
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1e6, -1e6, 3e4, 1e12])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_logsumexp_backward_large_offset(lsm, dtype, offset, axis):
+    if dtype == np.float32 and abs(offset) > 1e6:
+        offset = np.sign(offset) * 1e6
+    small = data((4, 50), np.float64, seed=21, scale=1.0)
+    x = (offset + small).astype(dtype)
+    if axis == 0:
+        x = np.ascontiguousarray(x.T)
+    g = np.ones(4, dtype)
+    dx = lsm.logsumexp_backward(g, x, axis=axis)
+    # reference: x - max is exact, the rest in the higher precision; a few ulp plus the
+    # inherent |x - lse|/2 ulp of rounding x - lse (torch's formula is off by |lse| ulps)
+    assert_lse_backward_close(dx, g, x, axis=axis)
+    # torch's formula exp(x - lse(x)) would be |lse| * eps relative off here
+    np.testing.assert_allclose(np.sum(dx.astype(np.float64), axis=axis), 1.0, rtol=200 * eps(dtype))
+
+
+def test_logsumexp_backward_large_offset_full_reduction(lsm):
+    x = 1e6 + data((1000,), seed=22, scale=0.5)
+    dx = lsm.logsumexp_backward(1.0, x)
+    assert_lse_backward_close(dx, 1.0, x)
+    ref = ref_logsumexp_backward(1.0, x, hp=LD)
+    t = np.abs(np.log(ref.astype(np.float64)))
+    assert np.all(ulp_err(dx, ref, np.float64) <= 4 + t)
+    assert max_ulp(dx, ref, np.float64) <= 64  # exp(x - lse) with lse rounded: ~1e6 ulps off
+
+
+# ------------------------------------------------------------------------------------------
+# -inf rows, +inf rows, empty
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_logsumexp_backward_minus_inf_row_is_zero(lsm, dtype, keepdims):
+    x = np.array([[-INF, -INF, -INF], [1.0, 2.0, -INF], [-INF, 0.5, -INF]], dtype)
+    g = np.array([[3.0], [1.0], [2.0]], dtype)
+    g = g if keepdims else g[:, 0]
+    with no_warnings():
+        dx = lsm.logsumexp_backward(g, x, axis=1, keepdims=keepdims)
+        dxc = lsm.logsumexp_backward(g.T if keepdims else g, np.ascontiguousarray(x.T), axis=0,
+                                     keepdims=keepdims)
+    assert_array_equal(dx[0], [0, 0, 0])
+    assert np.all(np.isfinite(dx))
+    assert dx[1, 2] == 0 and dx[2, 0] == 0 and dx[2, 2] == 0
+    assert dx[2, 1] == 2.0
+    p = np.exp(np.array([1.0, 2.0])) / np.sum(np.exp(np.array([1.0, 2.0])))
+    np.testing.assert_allclose(dx[1, :2], p, rtol=4 * eps(dtype))
+    assert_ulp_close(dxc.T, dx, dtype, 4)
+    # fully masked row, and a lone all -inf vector
+    with no_warnings():
+        dm = lsm.logsumexp_backward(g, np.ones((3, 3), dtype), axis=1, keepdims=keepdims,
+                                    where=np.array([[False] * 3, [True] * 3, [False] * 3]))
+        d1 = lsm.logsumexp_backward(5.0, np.full(4, -INF, dtype))
+    assert_array_equal(dm[0], [0, 0, 0])
+    assert_array_equal(dm[2], [0, 0, 0])
+    np.testing.assert_allclose(dm[1], np.full(3, 1 / 3), rtol=4 * eps(dtype))
+    assert_array_equal(d1, np.zeros(4, dtype))
+
+
+def test_logsumexp_backward_plus_inf_literal(lsm):
+    # design decision: grad * exp(x - lse) literally: exp(inf - inf) = NaN, exp(1 - inf) = 0
+    with no_warnings():
+        dx = lsm.logsumexp_backward(np.array([1.0, 2.0]), np.array([[INF, 1.0], [0.0, 0.0]]), axis=1)
+    assert np.isnan(dx[0, 0])
+    assert dx[0, 1] == 0
+    assert_array_equal(dx[1], [1.0, 1.0])
+
+
+def test_backward_empty(lsm):
+    x = np.zeros((3, 0))
+    assert lsm.log_softmax_backward(x, x).shape == (3, 0)
+    assert lsm.softmax_backward(x, x, axis=0).shape == (3, 0)
+    dx = lsm.logsumexp_backward(np.ones(3), x, axis=1)
+    assert dx.shape == (3, 0)
+    dx = lsm.logsumexp_backward(np.ones(0), np.zeros((0, 4)), axis=1)
+    assert dx.shape == (0, 4)
+
+
+def test_backward_log_softmax_minus_inf_entries(lsm):
+    # y = -inf (a masked or impossible class) gives exp(y) = 0: the gradient is grad there
+    x = np.array([[-INF, 1.0, 2.0]])
+    y = lsm.log_softmax(x)
+    g = np.array([[0.5, 1.0, -2.0]])
+    with no_warnings():
+        dx = lsm.log_softmax_backward(g, y)
+        dp = lsm.softmax_backward(g, lsm.softmax(x))
+    assert dx[0, 0] == 0.5
+    check_log_softmax_backward(dx, g, y, -1, np.float64)
+    assert dp[0, 0] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# layouts, read-only, out=
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name", ["log_softmax_backward", "softmax_backward"])
+@pytest.mark.parametrize("layout", ["fortran", "strided", "negative", "readonly", "transposed"])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_backward_layouts(lsm, name, layout, axis):
+    x = data((6, 8), seed=23)
+    g = data((6, 8), seed=24)
+    fwd = lsm.log_softmax if name == "log_softmax_backward" else lsm.softmax
+    y = fwd(x, axis=axis)
+    expect = getattr(lsm, name)(g, y, axis=axis)
+
+    def make(a):
+        if layout == "fortran":
+            return np.asfortranarray(a)
+        if layout == "strided":
+            big = np.zeros((12, 24))
+            big[::2, ::3] = a
+            return big[::2, ::3]
+        if layout == "negative":
+            return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]
+        if layout == "readonly":
+            return _readonly(a.copy())
+        return np.ascontiguousarray(a.T).T
+
+    g2, y2 = make(g), make(y)
+    gb, yb = g2.copy(), y2.copy()
+    res = getattr(lsm, name)(g2, y2, axis=axis)
+    assert_array_equal(g2, gb)
+    assert_array_equal(y2, yb)
+    if name == "log_softmax_backward":
+        check_log_softmax_backward(res, g, y, axis, np.float64)
+    else:
+        check_softmax_backward(res, g, y, axis, np.float64)
+    np.testing.assert_allclose(res, expect, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "negative", "readonly"])
+def test_logsumexp_backward_layouts(lsm, layout):
+    x = data((6, 8), seed=25)
+    g = data((6,), seed=26)
+    xx = {"fortran": np.asfortranarray(x), "negative": np.ascontiguousarray(x[::-1, ::-1])[::-1, ::-1],
+          "readonly": _readonly(x.copy())}[layout]
+    xb = xx.copy()
+    dx = lsm.logsumexp_backward(g, xx, axis=1)
+    assert_array_equal(xx, xb)
+    assert_lse_backward_close(dx, g, x, axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_out(lsm, dtype):
+    x = data((4, 5), dtype, seed=27)
+    g = data((4, 5), dtype, seed=28)
+    y = lsm.log_softmax(x)
+    p = lsm.softmax(x)
+    out = np.empty((4, 5), dtype)
+    assert lsm.log_softmax_backward(g, y, out=out) is out
+    assert_array_equal(out, lsm.log_softmax_backward(g, y))
+    out = np.empty((4, 5), dtype, order="F")
+    assert lsm.softmax_backward(g, p, out=out) is out
+    check_softmax_backward(out, g, p, -1, dtype)
+    out = np.empty((4, 5), dtype)
+    gl = g[:, 0].copy()
+    assert lsm.logsumexp_backward(gl, x, axis=1, out=out) is out
+    assert_array_equal(out, lsm.logsumexp_backward(gl, x, axis=1))
+
+
+@pytest.mark.parametrize("which", ["grad", "y"])
+def test_backward_out_in_place(lsm, which):
+    x = data((4, 5), seed=29)
+    g = data((4, 5), seed=30)
+    y = lsm.log_softmax(x)
+    p = lsm.softmax(x)
+    e1 = lsm.log_softmax_backward(g, y)
+    e2 = lsm.softmax_backward(g, p)
+    g1, y1 = g.copy(), y.copy()
+    target = g1 if which == "grad" else y1
+    assert lsm.log_softmax_backward(g1, y1, out=target) is target
+    check_log_softmax_backward(target, g, y, -1, np.float64)
+    np.testing.assert_allclose(target, e1, rtol=1e-13, atol=1e-15)
+    g2, p2 = g.copy(), p.copy()
+    target = g2 if which == "grad" else p2
+    assert lsm.softmax_backward(g2, p2, out=target) is target
+    check_softmax_backward(target, g, p, -1, np.float64)
+    np.testing.assert_allclose(target, e2, rtol=1e-13, atol=1e-15)
+
+
+def test_backward_out_partial_overlap(lsm):
+    buf = data((5, 9), seed=31)
+    g = buf[:, :8]
+    y = lsm.log_softmax(data((5, 8), seed=32))
+    expect = lsm.log_softmax_backward(g.copy(), y)
+    out = buf[:, 1:]
+    assert lsm.log_softmax_backward(g, y, out=out) is out
+    np.testing.assert_allclose(out, expect, rtol=1e-13, atol=1e-15)
+    # logsumexp_backward writing over its own input
+    x = data((5, 8), seed=33)
+    gl = data((5,), seed=34)
+    expect = lsm.logsumexp_backward(gl, x.copy(), axis=1)
+    assert lsm.logsumexp_backward(gl, x, axis=1, out=x) is x
+    assert_ulp_close(x, expect, np.float64, 2)
+
+
+def test_backward_array_likes(lsm):
+    y = [[np.log(0.25), np.log(0.75)]]
+    dx = lsm.log_softmax_backward([[1.0, 2.0]], y)
+    assert dx.dtype == np.float64
+    np.testing.assert_allclose(dx, [[1.0 - 0.25 * 3, 2.0 - 0.75 * 3]], rtol=1e-15)
+    dp = lsm.softmax_backward([1.0, 2.0], [0.25, 0.75])
+    np.testing.assert_allclose(dp, [0.25 * (1 - 1.75), 0.75 * (2 - 1.75)], rtol=1e-15)
+    dl = lsm.logsumexp_backward(1.0, [0.0, 0.0])
+    np.testing.assert_allclose(dl, [0.5, 0.5], rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------
+# torch autograd as an independent oracle (only if torch is installed)
+
+
+def test_torch_oracle(lsm):
+    torch = pytest.importorskip("torch")
+    x = data((4, 7), seed=35)
+    g = data((4, 7), seed=36)
+    gl = data((4,), seed=37)
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.log_softmax(t, dim=1).backward(torch.tensor(g))
+    np.testing.assert_allclose(lsm.log_softmax_backward(g, lsm.log_softmax(x)), t.grad.numpy(),
+                               rtol=1e-12, atol=1e-14)
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.softmax(t, dim=0).backward(torch.tensor(g))
+    np.testing.assert_allclose(lsm.softmax_backward(g, lsm.softmax(x, axis=0), axis=0),
+                               t.grad.numpy(), rtol=1e-12, atol=1e-14)
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.logsumexp(t, dim=1).backward(torch.tensor(gl))
+    np.testing.assert_allclose(lsm.logsumexp_backward(gl, x, axis=1), t.grad.numpy(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_references_are_sane():
+    # the references used above agree with plain float64 formulas on easy data
+    x = data((3, 6), seed=38)
+    y = ref_log_softmax(x)
+    np.testing.assert_allclose(y, x - np.log(np.sum(np.exp(x), -1, keepdims=True)), rtol=1e-14)
+    np.testing.assert_allclose(ref_softmax(x), np.exp(x) / np.sum(np.exp(x), -1, keepdims=True),
+                               rtol=1e-14)

@@ -1,0 +1,138 @@
+"""The package around the kernels: backend choice, environment, threads, stubs, entry point."""
+from __future__ import annotations
+
+import doctest
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cylsm
+from cylsm import _api, _select
+
+HERE = Path(__file__).parent
+NO_EXT = bool(os.environ.get("CYLSM_NO_EXTENSIONS"))
+requires_compiled = pytest.mark.skipif(NO_EXT, reason="CYLSM_NO_EXTENSIONS is set")
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run this Python in a directory outside the checkout, so that the cylsm imported is the
+    one under test (the installed package), never the source tree."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir(), check=False)
+
+
+def run_python(code: str, **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "CYLSM_NO_EXTENSIONS"}
+    environ.update(env)
+    proc = run(["-c", code], environ)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_env_var_forces_python_backend() -> None:
+    assert run_python("import cylsm; print(cylsm.backend)", CYLSM_NO_EXTENSIONS="1") == "python"
+
+
+@requires_compiled
+def test_compiled_backend_is_default() -> None:
+    assert cylsm.backend == "compiled"
+    assert run_python("import cylsm; print(cylsm.backend)") == "compiled"
+
+
+def test_backend_matches_active_kernels() -> None:
+    assert cylsm.backend == ("python" if _api._K.NAME == "python" else "compiled")
+    with pytest.raises(ValueError, match="unknown cylsm backend"):
+        _select.load("gpu")
+
+
+def test_show_config(capsys: pytest.CaptureFixture[str]) -> None:
+    cylsm.show_config()
+    text = capsys.readouterr().out
+    assert "backend" in text and cylsm.backend in text
+    assert "openmp" in text and "threads" in text and np.__version__ in text
+
+
+@requires_compiled
+def test_openmp_compiled_in() -> None:
+    kernels = _select.load("compiled")
+    assert kernels.openmp_enabled() is True
+    assert "-fopenmp" in kernels.build_info()["openmp_flags"] or os.name == "nt"
+
+
+def test_fp_environment_untouched() -> None:
+    # Flush-to-zero / denormals-are-zero (e.g. from -ffast-math) would turn these into 0.
+    code = (
+        "import numpy as np, cylsm\n"
+        "x = np.random.default_rng(0).standard_normal((300, 1000))\n"
+        "cylsm.log_softmax(x); cylsm.softmax(x, axis=0); cylsm.logsumexp(x, axis=1)\n"
+        "tiny = np.array([5e-324, 2.2e-308]); one = np.ones(2)\n"
+        "print((tiny * one)[0] > 0, (tiny / 2)[1] > 0, np.float32(1e-45) * np.float32(1) > 0)\n"
+    )
+    for env in ({}, {"CYLSM_NO_EXTENSIONS": "1"}):
+        assert run_python(code, **env) == "True True True"
+
+
+def test_subnormal_results_are_kept(lsm) -> None:
+    # exp(-740) is subnormal in float64: softmax must return it, not 0.
+    p = lsm.softmax(np.array([0.0, -740.0]))
+    assert 0 < p[1] < np.finfo(np.float64).tiny
+    assert p[1] == pytest.approx(np.exp(-740.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((300, 2000), -1), ((2000, 300), 0), ((1, 600_000), -1),
+                                        ((40, 3000, 7), 1)])
+def test_results_do_not_depend_on_threads(lsm, dtype, shape, axis) -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 10).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+
+    def everything():
+        y = lsm.log_softmax(x, axis=axis)
+        p = lsm.softmax(x, axis=axis)
+        return [y, p, lsm.logsumexp(x, axis=axis), lsm.log_softmax_backward(g, y, axis=axis),
+                lsm.softmax_backward(g, p, axis=axis),
+                lsm.logsumexp_backward(lsm.logsumexp(g, axis=axis), x, axis=axis)]
+
+    with threadpoolctl.threadpool_limits(1):
+        one = everything()
+    with threadpoolctl.threadpool_limits(2):
+        two = everything()
+    again = everything()
+    for a, b, c in zip(one, two, again):
+        assert np.array_equal(a, b) and np.array_equal(b, c)
+
+
+@requires_compiled
+def test_stub_matches_compiled_module() -> None:
+    pytest.importorskip("mypy")
+    proc = run(["-m", "mypy.stubtest", "cylsm._kernels"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_strict_on_typed_example() -> None:
+    pytest.importorskip("mypy")
+    env = dict(os.environ)
+    package_parent = Path(cylsm.__file__).resolve().parent.parent
+    if package_parent.name not in ("site-packages", "dist-packages"):
+        env["MYPYPATH"] = str(package_parent)    # an editable install: mypy cannot see its hook
+    proc = run(["-m", "mypy", "--strict", "--no-incremental", str(HERE / "typing_example.py")], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_docstring_examples(lsm) -> None:
+    result = doctest.testmod(_api, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 8
+    assert result.failed == 0
+
+
+def test_main_entry_point() -> None:
+    proc = run(["-m", "cylsm", "--no-bench"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "self-check" in proc.stdout and "backend" in proc.stdout
