@@ -6,11 +6,16 @@
 - Never -ffast-math: it breaks inf/NaN handling and, at link time, puts the whole process into
   flush-to-zero.  -fno-trapping-math only lets the compiler if-convert selects (we never enable
   FP traps); it changes no result.
+- One kernel source (src/_kernels.pxi) is compiled once per CPU level as its own module:
+  _kernels_baseline (no -march: runs on every CPU of the architecture), and on x86-64 also
+  _kernels_v3 (x86-64-v3: AVX2/FMA) and _kernels_v4 (x86-64-v4: AVX-512).  cylsm picks the best
+  one the CPU supports at import.  A level the compiler cannot target is skipped, with a message.
 - CYLSM_DEBUG_BUILD=1 turns Cython's bounds/initialization checks back on and drops -O3.
 """
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -35,6 +40,23 @@ OPENMP_TEST = textwrap.dedent(
 )
 
 
+# CPU level -> (gcc/clang flags, MSVC flags)
+LEVELS: dict[str, tuple[list[str], list[str]]] = {
+    "baseline": ([], []),
+    "v3": (["-march=x86-64-v3", "-mtune=generic"], ["/arch:AVX2"]),
+    "v4": (["-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"], ["/arch:AVX512"]),
+}
+
+
+def targets_x86_64() -> bool:
+    """Is the build for x86-64 (and only x86-64: no universal2 or arm64 cross build)?"""
+    if sys.platform == "darwin" and os.environ.get("ARCHFLAGS"):
+        return os.environ["ARCHFLAGS"].split() == ["-arch", "x86_64"]
+    if os.environ.get("VSCMD_ARG_TGT_ARCH", "").lower() in ("arm64", "arm"):
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def openmp_flag_candidates(compiler_type: str) -> list[tuple[list[str], list[str]]]:
     """(compile args, link args) to try, in order, for this compiler."""
     if compiler_type == "msvc":
@@ -48,6 +70,19 @@ def openmp_flag_candidates(compiler_type: str) -> list[tuple[list[str], list[str
 
 
 class BuildExt(build_ext):
+    def _compiles(self, flags: list[str]) -> bool:
+        tmp = tempfile.mkdtemp(prefix="cylsm-flags-")
+        try:
+            src = os.path.join(tmp, "test_flags.c")
+            with open(src, "w") as f:
+                f.write("double f(double x) { return x * 2.0; }\n")
+            self.compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            return True
+        except Exception:
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def _try_openmp(self, compile_args: list[str], link_args: list[str]) -> bool:
         tmp = tempfile.mkdtemp(prefix="cylsm-openmp-")
         try:
@@ -84,11 +119,29 @@ class BuildExt(build_ext):
         else:
             base = ["-O3" if not DEBUG else "-O0", "-g0" if not DEBUG else "-g",
                     "-fno-trapping-math", "-fno-math-errno"]
+        kept = []
         for ext in self.extensions:
-            ext.extra_compile_args = base + (omp[0] if omp else []) + ext.extra_compile_args
+            level = ext.name.rsplit("_", 1)[-1]
+            level_flags = LEVELS[level][1 if ctype == "msvc" else 0]
+            if level_flags and not self._compiles(level_flags):
+                print(f"cylsm: the compiler cannot target {level} ({' '.join(level_flags)}); "
+                      f"skipping {ext.name}", file=sys.stderr)
+                continue
+            flags = base + level_flags + (omp[0] if omp else [])
+            ext.extra_compile_args = flags + ext.extra_compile_args
             ext.extra_link_args = (omp[1] if omp else []) + ext.extra_link_args
-            ext.define_macros = [*ext.define_macros, ("CYLSM_OPENMP_FLAGS", f'"{" ".join(omp[0]) if omp else ""}"')]
+            ext.define_macros = [
+                *ext.define_macros,
+                ("CYLSM_OPENMP_FLAGS", c_string(" ".join(omp[0]) if omp else "")),
+                ("CYLSM_BUILD_FLAGS", c_string(" ".join(flags))),
+            ]
+            kept.append(ext)
+        self.extensions = kept
         super().build_extensions()
+
+
+def c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def extensions() -> list[Extension]:
@@ -106,14 +159,18 @@ def extensions() -> list[Extension]:
         "autotestdict": False,
     }
     libraries = [] if sys.platform == "win32" else ["m"]
-    ext = Extension(
-        "cylsm._kernels",
-        ["src/_kernels.pyx"],
-        include_dirs=["src"],
-        libraries=libraries,
-        depends=["src/cylsm_exp.h"],
-    )
-    return cythonize([ext], compiler_directives=directives, include_path=["src"])
+    levels = list(LEVELS) if targets_x86_64() else ["baseline"]
+    exts = [
+        Extension(
+            f"cylsm._kernels_{level}",
+            [f"src/_kernels_{level}.pyx"],
+            include_dirs=["src"],
+            libraries=libraries,
+            depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h"],
+        )
+        for level in levels
+    ]
+    return cythonize(exts, compiler_directives=directives, include_path=["src"])
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -20,6 +20,9 @@ def config() -> dict[str, Any]:
         "backend": "python" if K.NAME == "python" else "compiled",
         "kernels": K.__name__,
         "CYLSM_NO_EXTENSIONS": os.environ.get("CYLSM_NO_EXTENSIONS", ""),
+        "CYLSM_CPU": os.environ.get("CYLSM_CPU", ""),
+        "cpu levels available": ", ".join(n.split("-", 1)[1] for n in _select.COMPILED_NAMES)
+        or "none",
         "openmp": K.openmp_enabled(),
         "threads": K.max_threads(),
         "python": sys.version.split()[0],

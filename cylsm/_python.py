@@ -1,4 +1,4 @@
-"""The pure-NumPy backend: the same kernels as ``src/_kernels.pyx``, with the same signatures.
+"""The pure-NumPy backend: the same kernels as ``src/_kernels.pxi``, with the same signatures.
 
 This module is the readable statement of the algorithms.  Every kernel takes C-contiguous
 arrays laid out as (outer, n, inner) and reduces over axis 1; ``cylsm._api`` has validated and

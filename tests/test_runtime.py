@@ -48,6 +48,8 @@ def test_backend_matches_active_kernels() -> None:
     assert cylsm.backend == ("python" if _api._K.NAME == "python" else "compiled")
     with pytest.raises(ValueError, match="unknown cylsm backend"):
         _select.load("gpu")
+    with pytest.raises(ValueError, match="unknown cylsm backend"):
+        _select.load("compiled-v9")
 
 
 def test_show_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,10 +60,32 @@ def test_show_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @requires_compiled
-def test_openmp_compiled_in() -> None:
-    kernels = _select.load("compiled")
+@pytest.mark.parametrize("name", _select.COMPILED_NAMES)
+def test_openmp_compiled_in(name: str) -> None:
+    kernels = _select.load(name)
+    assert kernels.NAME == name
     assert kernels.openmp_enabled() is True
     assert "-fopenmp" in kernels.build_info()["openmp_flags"] or os.name == "nt"
+
+
+@requires_compiled
+def test_every_cpu_level_is_built_and_the_best_is_default() -> None:
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        level = _select.load("compiled-baseline").cpu_level()
+        expected = [lv for lv, rank in _select.LEVELS.items() if rank <= level]
+        assert sorted(_select.COMPILED_NAMES) == sorted(f"compiled-{lv}" for lv in expected)
+    assert _api._K.NAME == _select.COMPILED_NAMES[0]
+
+
+@requires_compiled
+def test_cpu_env_var_caps_the_level() -> None:
+    code = "from cylsm import _api; print(_api._K.NAME)"
+    assert run_python(code, CYLSM_CPU="baseline") == "compiled-baseline"
+    assert run_python(code, CYLSM_CPU="v4") == _select.COMPILED_NAMES[0]
+    proc = run(["-c", "import cylsm"], {**os.environ, "CYLSM_CPU": "avx9000"})
+    assert proc.returncode != 0 and "CYLSM_CPU='avx9000' is not a CPU level" in proc.stderr
 
 
 def test_fp_environment_untouched() -> None:
@@ -110,9 +134,10 @@ def test_results_do_not_depend_on_threads(lsm, dtype, shape, axis) -> None:
 
 
 @requires_compiled
-def test_stub_matches_compiled_module() -> None:
+def test_stub_matches_compiled_modules() -> None:
     pytest.importorskip("mypy")
-    proc = run(["-m", "mypy.stubtest", "cylsm._kernels"])
+    modules = [f"cylsm._kernels_{name.split('-', 1)[1]}" for name in _select.COMPILED_NAMES]
+    proc = run(["-m", "mypy.stubtest", *modules])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -1,3 +1,5 @@
+# The compiled kernels of cylsm, included by one module per CPU level (_kernels_baseline.pyx,
+# _kernels_v3.pyx, _kernels_v4.pyx): the same source, compiled with different -march flags.
 """Compiled kernels of cylsm.
 
 Every kernel works on C-contiguous buffers laid out as (outer, n, inner) and reduces over the
@@ -64,7 +66,14 @@ cdef enum:
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
 
 
-NAME = "compiled"
+cdef extern from "cylsm_cpu.h":
+    int cylsm_cpu_level() noexcept
+    const char* CYLSM_BUILD_FLAGS
+
+
+def cpu_level():
+    """The best kernel level this CPU (and OS) can run: 0 baseline, 3 x86-64-v3, 4 x86-64-v4."""
+    return cylsm_cpu_level()
 
 
 cdef extern from *:
@@ -90,6 +99,7 @@ def build_info():
     """How these kernels were compiled: compiler, OpenMP flags."""
     return {
         "compiler": CYLSM_COMPILER.decode(),
+        "build_flags": CYLSM_BUILD_FLAGS.decode(),
         "openmp_flags": CYLSM_OPENMP_FLAGS.decode(),
     }
 
