@@ -440,12 +440,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if out is not None:
         _check_out(out, rshape, rdt, fname)
     mask = _mask(where, xv.shape, fname)
-    weighted = bv is not None or return_sign
-    if weighted:
-        if bv is None:
-            bv = np.broadcast_to(np.ones((), cdt), xv.shape)
-        if mask is not None:
-            bv = np.where(mask, bv, 0)
+    if bv is not None and mask is not None:
+        bv = np.where(mask, bv, 0)
     elif mask is not None:
         xv = np.where(mask, xv, -np.inf)
 
@@ -455,14 +451,15 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if res2.size:
         if layout.n == 0:
             res2.fill(-np.inf)
-            if sign2 is not None:
-                sign2.fill(0)
         elif bv is not None:
             _kernels(cdt).logsumexp_weighted(
                 layout.three(xv, cdt), layout.three(bv, cdt), res2, sign2
             )
         else:
             _kernels(cdt).logsumexp(layout.three(xv, cdt), res2)
+        if sign2 is not None and (bv is None or layout.n == 0):
+            # a sum of exps: positive, or 0 (result -inf), or NaN
+            np.copyto(sign2, np.where(res2 == -np.inf, 0.0, np.where(np.isnan(res2), np.nan, 1.0)))
     value = layout.unreduce(res2).reshape(rshape)
     result = _finish(value, out, rdt, rshape == () and out is None)
     if not return_sign:

@@ -20,16 +20,45 @@ results do not depend on the number of threads.
 """
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
+from libc.stdint cimport int32_t, int64_t
 
 cdef extern from "cylsm_exp.h" nogil:
-    double cylsm_exp(double x) noexcept
     double cylsm_exp_lo(double x, double lo) noexcept
     double cylsm_two_diff(double a, double b, double* lo) noexcept
+    float cylsm_expf_lo(float x, float lo) noexcept
+    float cylsm_two_difff(float a, float b, float* lo) noexcept
+    int32_t cylsm_key32(float x) noexcept
+    float cylsm_unkey32(int32_t k) noexcept
+    int64_t cylsm_key64(double x) noexcept
+    double cylsm_unkey64(int64_t k) noexcept
+
+ctypedef fused floating:
+    float
+    double
 
 
-cdef inline double exp_diff(double a, double b) noexcept nogil:
-    """exp(a - b) with a - b formed exactly: the rounding of a - b would otherwise cost up to
-    |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum)."""
+cdef inline floating exp_diff(floating a, floating b) noexcept nogil:
+    """exp(a - b) in the precision of the data, with a - b formed exactly: its rounding would
+    otherwise cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum)."""
+    cdef floating lo, d
+    if floating is float:
+        d = cylsm_two_difff(a, b, &lo)
+        return cylsm_expf_lo(d, lo)
+    else:
+        d = cylsm_two_diff(a, b, &lo)
+        return cylsm_exp_lo(d, lo)
+
+
+cdef inline floating exp_t(floating a) noexcept nogil:
+    """exp(a) in the precision of the data."""
+    if floating is float:
+        return cylsm_expf_lo(a, 0.0)
+    else:
+        return cylsm_exp_lo(a, 0.0)
+
+
+cdef inline double exp_diff_d(double a, double b) noexcept nogil:
+    """exp(a - b) in double, a - b formed exactly."""
     cdef double lo
     cdef double d = cylsm_two_diff(a, b, &lo)
     return cylsm_exp_lo(d, lo)
@@ -55,13 +84,10 @@ cdef extern from *:
     const int CYLSM_OPENMP
     int omp_get_max_threads() noexcept nogil
 
-ctypedef fused floating:
-    float
-    double
-
 cdef enum:
     W = 16            # lanes of a row kernel
-    KC = 128          # rows of lanes summed before the compensated add (2048 elements of a row)
+    BLOCK = 2048      # elements of a row summed in lanes before the compensated add
+    KC = 128          # rows of a column kernel summed before the compensated add
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
 
@@ -130,39 +156,33 @@ cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nog
     total[0] = s
 
 
-cdef void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                    double* m, double* a) noexcept nogil:
-    """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if none is greater);
-    OUT a[j]: the first k reaching it (-1 if none).  Indices are kept as doubles (exact below
-    2^53) so that every operation of the loop has a vector instruction even on baseline x86-64."""
+cdef inline void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
+                           floating* m) noexcept nogil:
+    """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if nothing is greater)."""
     cdef Py_ssize_t k, j
     cdef const floating* row
-    cdef double v, kd
-    cdef bint gt
+    cdef floating v
     for j in range(w):
         m[j] = -INFINITY
-        a[j] = -1.0
     for k in range(K):
         row = p + k * s
-        kd = <double>k
         for j in range(w):
             v = row[j]
-            gt = v > m[j]
-            m[j] = v if gt else m[j]
-            a[j] = kd if gt else a[j]
+            m[j] = v if v > m[j] else m[j]
 
 
-cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                       const double* m, const double* ex,
-                       double* tot, double* part, double* comp) noexcept nogil:
-    """OUT tot[j] = sum over k < K, k != ex[j] of exp(p[k*s + j] - m[j]).
-    part and comp are scratch of w doubles."""
+cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
+                              const floating* m, double* tot, double* part, double* comp,
+                              floating* seen) noexcept nogil:
+    """OUT tot[j] = sum over k < K of exp(p[k*s + j] - m[j]), leaving out the first element
+    equal to m[j] (it contributes exactly 1).  part, comp, seen: scratch of w."""
     cdef Py_ssize_t k, k0, k1, j
     cdef const floating* row
-    cdef double e, kd
+    cdef floating v, e, first
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
+        seen[j] = 0
     k0 = 0
     while k0 < K:
         k1 = k0 + KC if k0 + KC < K else K
@@ -170,10 +190,12 @@ cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t
             part[j] = 0.0
         for k in range(k0, k1):
             row = p + k * s
-            kd = <double>k
             for j in range(w):
-                e = exp_diff(row[j], m[j])
-                part[j] += 0.0 if kd == ex[j] else e
+                v = row[j]
+                e = exp_diff(v, m[j])
+                first = 1 if (v == m[j]) & (seen[j] == 0) else 0
+                seen[j] += first
+                part[j] += 0 if first else e
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -181,7 +203,7 @@ cdef void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t
         tot[j] += comp[j]
 
 
-cdef void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
+cdef inline void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
                     Py_ssize_t s, double* tot, double* part, double* comp) noexcept nogil:
     """OUT tot[j] = sum over k < K of g[k*s + j] * q[k*s + j] (of g alone when q is NULL)."""
     cdef Py_ssize_t k, k0, k1, j
@@ -229,45 +251,93 @@ cdef double nonfinite_stats(const floating* p, Py_ssize_t n, Py_ssize_t s, doubl
 # For a finite M, L = log1p(t) and S = 1 + t with t the sum without the first maximal element.
 
 
+cdef inline floating block_max(const floating* x, Py_ssize_t n) noexcept nogil:
+    """max of x[0:n] (n >= 1) by integer keys: NaN ignored if negative, returned if positive
+    (either way a row holding a NaN ends up NaN); -inf if nothing is greater."""
+    cdef Py_ssize_t i
+    cdef int32_t k32, m32 = cylsm_key32(-INFINITY)
+    cdef int64_t k64, m64 = cylsm_key64(-INFINITY)
+    if floating is float:
+        for i in range(n):
+            k32 = cylsm_key32(x[i])
+            m32 = k32 if k32 > m32 else m32
+        return cylsm_unkey32(m32)
+    else:
+        for i in range(n):
+            k64 = cylsm_key64(x[i])
+            m64 = k64 if k64 > m64 else m64
+        return cylsm_unkey64(m64)
+
+
+cdef inline Py_ssize_t first_equal(const floating* x, Py_ssize_t n, floating v) noexcept nogil:
+    """The first i < n with x[i] == v (n if none), testing W elements at a time."""
+    cdef Py_ssize_t i = 0, j, full = n - n % W
+    cdef int hits
+    while i < full:
+        hits = 0
+        for j in range(W):
+            hits += x[i + j] == v
+        if hits:
+            break
+        i += W
+    while i < n and x[i] != v:
+        i += 1
+    return i
+
+
+cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx,
+                              double* part) noexcept nogil:
+    """part[j] += exp(x[i] - mx) over the i < n with i % W == j."""
+    cdef Py_ssize_t g, i, j, full = n - n % W
+    for g in range(n // W):
+        for j in range(W):
+            part[j] += exp_diff(x[g * W + j], mx)
+    for i in range(full, n):
+        part[i - full] += exp_diff(x[i], mx)
+
+
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
-    cdef double m[W]
-    cdef double mm[W]
+    """M: max of the row (NaN ignored); L = log1p(t), S = 1 + t with t the sum of exp(x - M)
+    over all elements but the first maximal one.  The row is taken in blocks of BLOCK elements:
+    lane sums within a block, blocks added with TwoSum, so long rows do not drift."""
     cdef double tot[W]
-    cdef double part[W]
     cdef double comp[W]
-    cdef double a[W]
-    cdef double ex[W]
-    cdef Py_ssize_t K = n // W
-    cdef Py_ssize_t tail = K * W
-    cdef Py_ssize_t i, j, ia = -1
-    cdef double mx = -INFINITY, t = 0.0, v
-    panel_max(x, K, W, W, m, a)
-    for j in range(W):
-        if m[j] > mx:
-            mx = m[j]
-    for j in range(W):
-        if a[j] >= 0 and m[j] == mx and (ia < 0 or <Py_ssize_t>a[j] * W + j < ia):
-            ia = <Py_ssize_t>a[j] * W + j
-    for i in range(tail, n):
-        v = x[i]
-        if v > mx:
-            mx = v
-            ia = i
+    cdef double part[W]
+    cdef Py_ssize_t b, bn, ia, j, best = 0
+    cdef floating mx = -INFINITY, bm
+    cdef double t = 0.0
+    b = 0
+    while b < n:                    # max, and the first block that reaches it
+        bn = BLOCK if n - b > BLOCK else n - b
+        bm = block_max(x + b, bn)
+        if bm > mx:                 # a NaN block maximum is passed over: the sum gives NaN
+            mx = bm
+            best = b
+        b += BLOCK
     M[0] = mx
     if not (-INFINITY < mx < INFINITY):
         L[0] = nonfinite_stats(x, n, 1, S)
         return
+    bn = BLOCK if n - best > BLOCK else n - best
+    ia = best + first_equal(x + best, bn, mx)
     for j in range(W):
-        mm[j] = mx
-        ex[j] = -1.0
-    if ia < tail:
-        ex[ia % W] = <double>(ia // W)
-    panel_sumexp(x, K, W, W, mm, ex, tot, part, comp)
+        tot[j] = 0.0
+        comp[j] = 0.0
+    b = 0
+    while b < n:
+        bn = BLOCK if n - b > BLOCK else n - b
+        for j in range(W):
+            part[j] = 0.0
+        if b == best:               # leave the first maximum out
+            block_sumexp(x + b, ia - b, mx, part)
+            block_sumexp(x + ia + 1, b + bn - ia - 1, mx, part)
+        else:
+            block_sumexp(x + b, bn, mx, part)
+        for j in range(W):
+            two_sum_add(&tot[j], &comp[j], part[j])
+        b += BLOCK
     for j in range(W):
-        t += tot[j]
-    for i in range(tail, n):
-        if i != ia:
-            t += exp_diff(x[i], mx)
+        t += tot[j] + comp[j]
     L[0] = log1p(t)
     S[0] = 1.0 + t
 
@@ -275,14 +345,16 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                     double* M, double* L, double* S) noexcept nogil:
     """M, L, S of w <= JB neighbouring columns of n elements, s apart."""
-    cdef double a[JB]
+    cdef floating m[JB]
+    cdef floating seen[JB]
     cdef double tot[JB]
     cdef double part[JB]
     cdef double comp[JB]
     cdef Py_ssize_t j
-    panel_max(x, n, w, s, M, a)
-    panel_sumexp(x, n, w, s, M, a, tot, part, comp)
+    panel_max(x, n, w, s, m)
+    panel_sumexp(x, n, w, s, m, tot, part, comp, seen)
     for j in range(w):
+        M[j] = m[j]
         if -INFINITY < M[j] < INFINITY:
             L[j] = log1p(tot[j])
             S[j] = 1.0 + tot[j]
@@ -314,7 +386,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:
         for i in range(n):
-            out[i] = <floating>(exp_diff(x[i], M) / S)
+            out[i] = <floating>(exp_diff(x[i], <floating>M) / S)
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     else:
@@ -354,7 +426,7 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
         elif op == OP_SOFTMAX:
             for j in range(w):
-                orow[j] = <floating>(exp_diff(xr[j], M[j]) / S[j])
+                orow[j] = <floating>(exp_diff(xr[j], <floating>M[j]) / S[j])
         else:
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
@@ -383,7 +455,7 @@ cdef void backward_row(int op, const floating* g, const floating* q, floating* o
     if op == OP_LOG_SOFTMAX_BACKWARD:
         G = row_sum(g, <const floating*>NULL, n)
         for i in range(n):
-            out[i] = <floating>(g[i] - cylsm_exp(q[i]) * G)
+            out[i] = <floating>(g[i] - exp_t(q[i]) * G)
     else:
         G = row_sum(g, q, n)
         for i in range(n):
@@ -407,7 +479,7 @@ cdef void backward_cols(int op, const floating* g, const floating* q, floating* 
         orow = out + i * s
         if op == OP_LOG_SOFTMAX_BACKWARD:
             for j in range(w):
-                orow[j] = <floating>(gr[j] - cylsm_exp(qr[j]) * tot[j])
+                orow[j] = <floating>(gr[j] - exp_t(qr[j]) * tot[j])
         else:
             for j in range(w):
                 orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))
@@ -526,7 +598,7 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
-                two_sum_add(&tot, &comp, bk * exp_diff(v, mx))
+                two_sum_add(&tot, &comp, bk * exp_diff_d(v, mx))
     M[0] = mx
     mw[0] = wsum
     rest[0] = tot + comp
@@ -583,7 +655,7 @@ cdef void weighted_grad_line(const floating* g, const floating* x, const floatin
         scale = g[0] / (mw + rest)
     for k in range(n):
         bk = b[k * s]
-        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff(x[k * s], M))
+        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff_d(x[k * s], M))
 
 
 def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,

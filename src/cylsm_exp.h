@@ -73,9 +73,86 @@ static inline double cylsm_exp_lo(double x, double lo)
     return (y * s1.d) * s2.d;
 }
 
-static inline double cylsm_exp(double x)
+/* The same design in single precision, for float32 data: twice the lanes per vector.  The
+ * Taylor series to degree 7 truncates below 2^-27; about 0.6 ulp; results below 2^-126 are
+ * rounded once as subnormals; x > 88.72 gives +inf, x < -103.97 gives +0. */
+typedef union { float f; uint32_t u; } cylsm_bits32;
+
+static inline float cylsm_expf_lo(float x, float lo)
 {
-    return cylsm_exp_lo(x, 0.0);
+    const float shifter = 0x1.8p23f;                 /* 1.5 * 2^23 */
+    const uint32_t shifter_bits = 0x4B400000u;
+    const float log2e = 0x1.715476p0f;
+    const float ln2_hi = 0x1.62e4p-1f;               /* 15 significant bits */
+    const float ln2_lo = 0x1.7f7d1cp-20f;
+
+    float xc = x < -150.0f ? -150.0f : x;
+    xc = xc > 150.0f ? 150.0f : xc;
+    lo = xc == x ? lo : 0.0f;
+
+    cylsm_bits32 kb, hb, s1, s2;
+    float kd = xc * log2e + shifter;
+    kb.f = kd;
+    kd -= shifter;
+    float r = ((xc - kd * ln2_hi) + lo) - kd * ln2_lo;
+
+    hb.f = kd * 0.5f + shifter;
+    uint32_t k = kb.u - shifter_bits;
+    uint32_t k1 = hb.u - shifter_bits;
+    uint32_t k2 = k - k1;
+    s1.u = (k1 + 127u) << 23;
+    s2.u = (k2 + 127u) << 23;
+
+    float r2 = r * r;
+    float r4 = r2 * r2;
+    float a0 = 0x1.0p-1f + r * 0x1.555556p-3f;       /* 1/2!, 1/3! */
+    float a1 = 0x1.555556p-5f + r * 0x1.111112p-7f;  /* 1/4!, 1/5! */
+    float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f; /* 1/6!, 1/7! */
+    float q = (a0 + r2 * a1) + r4 * a2;
+    float y = 1.0f + (r + r2 * q);
+    return (y * s1.f) * s2.f;
+}
+
+static inline float cylsm_two_difff(float a, float b, float *lo)
+{
+    float s = a - b;
+    float bb = s - a;
+    *lo = (a - (s - bb)) - (b + bb);
+    return s;
+}
+
+/* Order-preserving integer keys of floats: key(a) < key(b) when a < b (for non-NaN a, b; +0.0
+ * ranks above -0.0).  GCC vectorizes integer max reductions but not IEEE ones without
+ * -ffast-math, so the maximum of a row is taken over keys.  Positive NaNs rank above +inf and
+ * negative ones below -inf.  The map is its own inverse. */
+static inline int32_t cylsm_key32(float x)
+{
+    cylsm_bits32 b;
+    b.f = x;
+    int32_t i = (int32_t)b.u;
+    return i ^ ((i >> 31) & 0x7fffffff);
+}
+
+static inline float cylsm_unkey32(int32_t k)
+{
+    cylsm_bits32 b;
+    b.u = (uint32_t)(k ^ ((k >> 31) & 0x7fffffff));
+    return b.f;
+}
+
+static inline int64_t cylsm_key64(double x)
+{
+    cylsm_bits b;
+    b.d = x;
+    int64_t i = (int64_t)b.u;
+    return i ^ ((i >> 63) & 0x7fffffffffffffffLL);
+}
+
+static inline double cylsm_unkey64(int64_t k)
+{
+    cylsm_bits b;
+    b.u = (uint64_t)(k ^ ((k >> 63) & 0x7fffffffffffffffLL));
+    return b.d;
 }
 
 /* a - b, and in *lo its rounding error: a - b == result + *lo exactly (Knuth's TwoSum). */

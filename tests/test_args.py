@@ -692,3 +692,11 @@ def test_b_with_float16(lsm):
     r = lsm.logsumexp(x, b=b)
     assert type(r) is np.float16
     assert r == np.float16(lsm.logsumexp(x.astype(np.float32), b=b.astype(np.float32)))
+
+
+def test_return_sign_of_a_result_far_below_zero(lsm):
+    # exp(-999.7) underflows: the sign must still be +1, not derived from exp(result)
+    for b in (None, [1.0, 1.0]):
+        v, s = lsm.logsumexp([-1000.0, -1001.0], b=b, return_sign=True)
+        assert s == 1.0
+        assert v == pytest.approx(-1000.0 + np.log1p(np.exp(-1.0)), rel=1e-15)
