@@ -88,6 +88,8 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     KC = 128          # rows of a column kernel summed before the compensated add
+    SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
+    TILE = 16
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
 
@@ -285,15 +287,34 @@ cdef inline Py_ssize_t first_equal(const floating* x, Py_ssize_t n, floating v) 
     return i
 
 
-cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx,
+cdef inline void group_sumexp(const floating* x, Py_ssize_t i0, Py_ssize_t n, floating mx,
+                              Py_ssize_t ex, double* part) noexcept nogil:
+    """part[j] += exp(x[i0 + j] - mx) for the j < W with i0 + j < n and i0 + j != ex; the lanes
+    past n read nothing (masked), so a partial group needs no scalar loop."""
+    cdef Py_ssize_t j, i
+    cdef floating v, e
+    for j in range(W):
+        i = i0 + j
+        v = x[i] if i < n else mx
+        e = exp_diff(v, mx)
+        part[j] += e if (i < n) & (i != ex) else 0
+
+
+cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
                               double* part) noexcept nogil:
-    """part[j] += exp(x[i] - mx) over the i < n with i % W == j."""
-    cdef Py_ssize_t g, i, j, full = n - n % W
-    for g in range(n // W):
+    """part[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j."""
+    cdef Py_ssize_t g, j, ng = n // W
+    cdef Py_ssize_t gex = ex // W if ex >= 0 else ng
+    for g in range(gex if gex < ng else ng):
         for j in range(W):
             part[j] += exp_diff(x[g * W + j], mx)
-    for i in range(full, n):
-        part[i - full] += exp_diff(x[i], mx)
+    if gex < ng:
+        group_sumexp(x, gex * W, n, mx, ex, part)
+        for g in range(gex + 1, ng):
+            for j in range(W):
+                part[j] += exp_diff(x[g * W + j], mx)
+    if n % W:
+        group_sumexp(x, ng * W, n, mx, ex, part)
 
 
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
@@ -328,11 +349,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         bn = BLOCK if n - b > BLOCK else n - b
         for j in range(W):
             part[j] = 0.0
-        if b == best:               # leave the first maximum out
-            block_sumexp(x + b, ia - b, mx, part)
-            block_sumexp(x + ia + 1, b + bn - ia - 1, mx, part)
-        else:
-            block_sumexp(x + b, bn, mx, part)
+        block_sumexp(x + b, bn, mx, ia - b if b == best else -1, part)   # first max left out
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], part[j])
         b += BLOCK
@@ -378,9 +395,39 @@ cdef enum:
 cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     Py_ssize_t n) noexcept nogil:
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out."""
-    cdef double M, L, S, gr
-    cdef Py_ssize_t i
+    cdef double M, L, S
     row_stats(x, n, &M, &L, &S)
+    row_output(op, x, g, out, n, M, L, S)
+
+
+cdef void stats_short_rows(int op, const floating* x, const floating* g, floating* out,
+                           Py_ssize_t R, Py_ssize_t n) noexcept nogil:
+    """stats_row for R <= TILE rows of n < SHORT elements (g and out advance by one per row
+    for OP_LOGSUMEXP_BACKWARD / OP_LOGSUMEXP).  A row that short leaves the row kernel's lanes
+    mostly idle, so the tile is transposed into a buffer and the column kernel works across the
+    rows, one lane per row.  Each row's result depends on that row alone."""
+    cdef floating T[SHORT * TILE]
+    cdef double M[TILE]
+    cdef double L[TILE]
+    cdef double S[TILE]
+    cdef Py_ssize_t r, k
+    cdef Py_ssize_t start[TILE]
+    for r in range(TILE):           # a short last tile repeats its last row (a constant-height
+        start[r] = (r if r < R else R - 1) * n      # transpose vectorizes as gathers)
+    for k in range(n):
+        for r in range(TILE):
+            T[k * TILE + r] = x[start[r] + k]
+    col_stats(T, n, R, TILE, M, L, S)
+    for r in range(R):
+        row_output(op, x + r * n, g + r if op == OP_LOGSUMEXP_BACKWARD else g,
+                   out + r if op == OP_LOGSUMEXP else out + r * n, n, M[r], L[r], S[r])
+
+
+cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
+                            Py_ssize_t n, double M, double L, double S) noexcept nogil:
+    """The output of op for a row of n whose statistics are M, L, S."""
+    cdef double gr
+    cdef Py_ssize_t i
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
@@ -494,7 +541,13 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     cdef bint reduced = op == OP_LOGSUMEXP                  # out is (outer, inner)
     cdef bint per_row_g = op == OP_LOGSUMEXP_BACKWARD       # g is (outer, inner)
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
-    if inner == 1:
+    if inner == 1 and n < SHORT and not backward:
+        for t in prange((outer + TILE - 1) // TILE, nogil=True, num_threads=nt, schedule="static"):
+            r = t * TILE
+            stats_short_rows(op, x + r * n, g + r if per_row_g else g,
+                             out + r if reduced else out + r * n,
+                             TILE if r + TILE <= outer else outer - r, n)
+    elif inner == 1:
         for r in prange(outer, nogil=True, num_threads=nt, schedule="static"):
             if backward:
                 backward_row(op, g + r * n, x + r * n, out + r * n, n)
