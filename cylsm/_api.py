@@ -260,6 +260,13 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
+def _fast(op: str, x: Any, all_axes: bool = False) -> Any:
+    """The kernels' shortcut for a C-contiguous ndarray (None when it does not apply)."""
+    if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.char in "fd":
+        return _K.fast(_K.OPS[op], x, all_axes)
+    return None
+
+
 def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
                 dtype: Any = None, where: Any = None) -> Any:
     """Logarithm of the softmax: ``x - logsumexp(x, axis, keepdims=True)``, computed exactly.
@@ -304,6 +311,10 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
+    if axis == -1 and out is None and dtype is None and where is None:
+        result = _fast("log_softmax", x)
+        if result is not None:
+            return result
     return _normalize("log_softmax", x, axis, out, dtype, where, -np.inf)
 
 
@@ -348,6 +359,10 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
+    if axis == -1 and out is None and dtype is None and where is None:
+        result = _fast("softmax", x)
+        if result is not None:
+            return result
     return _normalize("softmax", x, axis, out, dtype, where, 0.0)
 
 
@@ -422,6 +437,11 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
+    if (axis is None or axis == -1) and not keepdims and out is None and dtype is None \
+            and b is None and not return_sign and where is None:
+        result = _fast("logsumexp", a, all_axes=axis is None)
+        if result is not None:
+            return result
     fname = "logsumexp"
     xa = _array(a, fname, "a")
     ba = None if b is None else _array(b, fname, "b")

@@ -1,5 +1,7 @@
 # Stub of the compiled kernels (src/_kernels.pxi; the same for every CPU level).  Arrays are C-contiguous float32 or float64
 # (one dtype per call), laid out as (outer, n, inner) and reduced over axis 1.
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -7,6 +9,9 @@ _F = npt.NDArray[np.floating]
 
 NAME: str
 
+OPS: dict[str, int]
+
+def fast(op: int, x: _F, all_axes: bool = False) -> Any: ...
 def build_info() -> dict[str, str]: ...
 def cpu_level() -> int: ...
 def openmp_enabled() -> bool: ...

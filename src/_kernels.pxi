@@ -21,6 +21,10 @@ results do not depend on the number of threads.
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS,
+                             PyBUF_FORMAT, PyBUF_WRITABLE)
+
+import numpy
 
 cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp_lo(double x, double lo) noexcept
@@ -532,41 +536,101 @@ cdef void backward_cols(int op, const floating* g, const floating* q, floating* 
                 orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))
 
 
-cdef void run(int op, const floating* x, const floating* g, floating* out,
-              Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
-    """Spread the rows (or column blocks) of an (outer, n, inner) problem over the threads.
-    For the backward ops x is the forward output (y or p) and g the upstream gradient."""
-    cdef Py_ssize_t r, t, o, j0, w, nb = (inner + JB - 1) // JB
-    cdef int nt = n_threads(outer * n * inner)
+cdef inline Py_ssize_t n_tasks(Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner,
+                               bint short_rows) noexcept nogil:
+    """Tasks of run(): rows, tiles of TILE short rows, or blocks of JB columns."""
+    if inner > 1:
+        return outer * ((inner + JB - 1) // JB)
+    return (outer + TILE - 1) // TILE if short_rows else outer
+
+
+cdef void run_task(int op, const floating* x, const floating* g, floating* out,
+                   Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner, bint short_rows,
+                   Py_ssize_t t) noexcept nogil:
+    """Task t of run(): one row, one tile of short rows, or one block of columns."""
+    cdef Py_ssize_t o, j0, r, w, nb
     cdef bint reduced = op == OP_LOGSUMEXP                  # out is (outer, inner)
     cdef bint per_row_g = op == OP_LOGSUMEXP_BACKWARD       # g is (outer, inner)
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
-    if inner == 1 and n < SHORT and not backward:
-        for t in prange((outer + TILE - 1) // TILE, nogil=True, num_threads=nt, schedule="static"):
-            r = t * TILE
-            stats_short_rows(op, x + r * n, g + r if per_row_g else g,
-                             out + r if reduced else out + r * n,
-                             TILE if r + TILE <= outer else outer - r, n)
-    elif inner == 1:
-        for r in prange(outer, nogil=True, num_threads=nt, schedule="static"):
-            if backward:
-                backward_row(op, g + r * n, x + r * n, out + r * n, n)
-            else:
-                stats_row(op, x + r * n, g + r if per_row_g else g,
-                          out + r if reduced else out + r * n, n)
+    if inner > 1:
+        nb = (inner + JB - 1) // JB
+        o = t // nb
+        j0 = (t % nb) * JB
+        w = JB if j0 + JB <= inner else inner - j0
+        if backward:
+            backward_cols(op, g + o * n * inner + j0, x + o * n * inner + j0,
+                          out + o * n * inner + j0, n, w, inner)
+        else:
+            stats_cols(op, x + o * n * inner + j0, g + o * inner + j0 if per_row_g else g,
+                       out + o * inner + j0 if reduced else out + o * n * inner + j0,
+                       n, w, inner)
+    elif short_rows:
+        r = t * TILE
+        stats_short_rows(op, x + r * n, g + r if per_row_g else g,
+                         out + r if reduced else out + r * n,
+                         TILE if r + TILE <= outer else outer - r, n)
+    elif backward:
+        backward_row(op, g + t * n, x + t * n, out + t * n, n)
     else:
-        for t in prange(outer * nb, nogil=True, num_threads=nt, schedule="static"):
-            o = t // nb
-            j0 = (t % nb) * JB
-            w = JB if j0 + JB <= inner else inner - j0
-            if backward:
-                backward_cols(op, g + o * n * inner + j0, x + o * n * inner + j0,
-                              out + o * n * inner + j0, n, w, inner)
+        stats_row(op, x + t * n, g + t if per_row_g else g, out + t if reduced else out + t * n, n)
+
+
+cdef void run(int op, const floating* x, const floating* g, floating* out,
+              Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
+    """Spread the rows (or tiles, or column blocks) of an (outer, n, inner) problem over the
+    threads; no parallel region at all for small problems.  For the backward ops x is the
+    forward output (y or p) and g the upstream gradient."""
+    cdef bint short_rows = inner == 1 and n < SHORT and not (
+        op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD)
+    cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
+    cdef int nt = n_threads(outer * n * inner)
+    if nt == 1 or tasks == 1:
+        for t in range(tasks):
+            run_task(op, x, g, out, outer, n, inner, short_rows, t)
+    else:
+        for t in prange(tasks, nogil=True, num_threads=nt, schedule="static"):
+            run_task(op, x, g, out, outer, n, inner, short_rows, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The common call, with as little as possible between Python and the loops (no fused-function
+# dispatch, no memoryviews): one C-contiguous native float32/float64 array, reduced over its
+# last axis (log_softmax, softmax, logsumexp) or over all of it (logsumexp).
+
+OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOGSUMEXP}
+_empty = numpy.empty
+_empty_like = numpy.empty_like
+
+
+def fast(int op, x, bint all_axes=False):
+    """op (a value of OPS) of ``x``, a C-contiguous array; None when x is not a native
+    float32/float64 buffer with at least one element (the caller takes the general path)."""
+    cdef Py_buffer bx, bo
+    cdef Py_ssize_t n, rows
+    cdef char kind
+    PyObject_GetBuffer(x, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    try:
+        kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
+        if bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d"):
+            return None
+        n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
+        rows = bx.len // bx.itemsize // n
+        if op == OP_LOGSUMEXP:
+            out = _empty(() if all_axes else x.shape[:-1], x.dtype)
+        else:
+            out = _empty_like(x)
+        PyObject_GetBuffer(out, &bo, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        with nogil:
+            if kind == b"f":
+                run(op, <const float*>bx.buf, <const float*>NULL, <float*>bo.buf, rows, n, 1)
             else:
-                stats_cols(op, x + o * n * inner + j0,
-                           g + o * inner + j0 if per_row_g else g,
-                           out + o * inner + j0 if reduced else out + o * n * inner + j0,
-                           n, w, inner)
+                run(op, <const double*>bx.buf, <const double*>NULL, <double*>bo.buf, rows, n, 1)
+        PyBuffer_Release(&bo)
+        if op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
+            return out[()]          # a 0-d result is a NumPy scalar, as NumPy and scipy return
+        return out
+    finally:
+        PyBuffer_Release(&bx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -580,3 +580,11 @@ def test_dtype_cast_first_matters(lsm):
     x = np.array([1.0, 1.0 + 1e-12])
     y = lsm.log_softmax(x, dtype=np.float32)
     assert_array_equal(y, np.float32([-np.log(2), -np.log(2)]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_dimensional_logsumexp_over_last_axis_is_a_scalar(lsm, dtype):
+    # the shortcut for C-contiguous arrays must return NumPy scalars for 0-d results too
+    for axis in (-1, 0, None):
+        r = lsm.logsumexp(np.zeros(1, dtype), axis=axis)
+        assert type(r) is dtype and r == 0
