@@ -21,6 +21,7 @@ results do not depend on the number of threads.
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport malloc, free
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS,
                              PyBUF_FORMAT, PyBUF_WRITABLE)
 
@@ -91,6 +92,7 @@ cdef extern from *:
 cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
+    SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
     KC = 128          # rows of a column kernel summed before the compensated add
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
@@ -321,46 +323,97 @@ cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_s
         group_sumexp(x, ng * W, n, mx, ex, part)
 
 
-cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
-    """M: max of the row (NaN ignored); L = log1p(t), S = 1 + t with t the sum of exp(x - M)
-    over all elements but the first maximal one.  The row is taken in blocks of BLOCK elements:
-    lane sums within a block, blocks added with TwoSum, so long rows do not drift."""
-    cdef double tot[W]
-    cdef double comp[W]
-    cdef double part[W]
-    cdef Py_ssize_t b, bn, ia, j, best = 0
+cdef floating super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
+    """max of x[0:n] (n <= SUPER); OUT best: the offset of the first block reaching it."""
+    cdef Py_ssize_t b = 0, bn
     cdef floating mx = -INFINITY, bm
-    cdef double t = 0.0
-    b = 0
-    while b < n:                    # max, and the first block that reaches it
+    best[0] = 0
+    while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
         bm = block_max(x + b, bn)
         if bm > mx:                 # a NaN block maximum is passed over: the sum gives NaN
             mx = bm
-            best = b
+            best[0] = b
         b += BLOCK
-    M[0] = mx
-    if not (-INFINITY < mx < INFINITY):
-        L[0] = nonfinite_stats(x, n, 1, S)
-        return
-    bn = BLOCK if n - best > BLOCK else n - best
-    ia = best + first_equal(x + best, bn, mx)
+    return mx
+
+
+cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex) noexcept nogil:
+    """sum of exp(x - mx) over x[0:n] (n <= SUPER) but x[ex] (ex = -1: none): lane sums within
+    blocks of BLOCK, the blocks added lane by lane with TwoSum."""
+    cdef double tot[W]
+    cdef double comp[W]
+    cdef double part[W]
+    cdef Py_ssize_t b = 0, bn, j
+    cdef double t = 0.0
     for j in range(W):
         tot[j] = 0.0
         comp[j] = 0.0
-    b = 0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
         for j in range(W):
             part[j] = 0.0
-        block_sumexp(x + b, bn, mx, ia - b if b == best else -1, part)   # first max left out
+        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, part)
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], part[j])
         b += BLOCK
     for j in range(W):
         t += tot[j] + comp[j]
-    L[0] = log1p(t)
-    S[0] = 1.0 + t
+    return t
+
+
+cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    return SUPER if n - k * SUPER > SUPER else n - k * SUPER
+
+
+cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
+                    int nt) noexcept nogil:
+    """M: max of the row (NaN ignored); L = log1p(t), S = 1 + t with t the sum of exp(x - M)
+    over all elements but the first maximal one.  The row is cut into superblocks of SUPER
+    elements, each reduced by one thread (blocks of BLOCK summed in lanes, blocks added with
+    TwoSum), and the superblocks are combined in order, with TwoSum: long rows do not drift,
+    and the result is the same for any number of threads nt."""
+    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, ia, best = 0, best_k
+    cdef floating mx = -INFINITY, smax_k
+    cdef double t = 0.0, c = 0.0
+    cdef floating* smax = NULL
+    cdef Py_ssize_t* sbest = NULL
+    cdef double* ssum = NULL
+    if nt > 1 and ns > 1:
+        smax = <floating*>malloc(ns * sizeof(floating))
+        sbest = <Py_ssize_t*>malloc(ns * sizeof(Py_ssize_t))
+        ssum = <double*>malloc(ns * sizeof(double))
+        if smax == NULL or sbest == NULL or ssum == NULL:
+            nt = 1                  # no scratch: the serial path gives the same result
+    if nt > 1 and ns > 1:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            smax[k] = super_max(x + k * SUPER, super_len(n, k), &sbest[k])
+    for k in range(ns):
+        if nt == 1 or ns == 1:
+            smax_k = super_max(x + k * SUPER, super_len(n, k), &best_k)
+        else:
+            smax_k = smax[k]
+            best_k = sbest[k]
+        if smax_k > mx:
+            mx = smax_k
+            best = k * SUPER + best_k
+    M[0] = mx
+    if not (-INFINITY < mx < INFINITY):
+        L[0] = nonfinite_stats(x, n, 1, S)
+    else:
+        ia = best + first_equal(x + best, BLOCK if n - best > BLOCK else n - best, mx)
+        if nt > 1 and ns > 1:
+            for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+                ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER)
+        for k in range(ns):
+            two_sum_add(&t, &c, ssum[k] if nt > 1 and ns > 1 else
+                        super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER))
+        t += c
+        L[0] = log1p(t)
+        S[0] = 1.0 + t
+    free(smax)
+    free(sbest)
+    free(ssum)
 
 
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
@@ -397,11 +450,17 @@ cdef enum:
 
 
 cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
-                    Py_ssize_t n) noexcept nogil:
-    """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out."""
+                    Py_ssize_t n, int nt) noexcept nogil:
+    """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
+    nt threads work on this one row (superblock by superblock)."""
     cdef double M, L, S
-    row_stats(x, n, &M, &L, &S)
-    row_output(op, x, g, out, n, M, L, S)
+    cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
+    row_stats(x, n, &M, &L, &S, nt)
+    if op == OP_LOGSUMEXP or nt == 1 or ns == 1:
+        row_output(op, x, g, out, n, M, L, S)
+    else:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            row_output(op, x + k * SUPER, g, out + k * SUPER, super_len(n, k), M, L, S)
 
 
 cdef void stats_short_rows(int op, const floating* x, const floating* g, floating* out,
@@ -572,7 +631,8 @@ cdef void run_task(int op, const floating* x, const floating* g, floating* out,
     elif backward:
         backward_row(op, g + t * n, x + t * n, out + t * n, n)
     else:
-        stats_row(op, x + t * n, g + t if per_row_g else g, out + t if reduced else out + t * n, n)
+        stats_row(op, x + t * n, g + t if per_row_g else g, out + t if reduced else out + t * n,
+                  n, 1)
 
 
 cdef void run(int op, const floating* x, const floating* g, floating* out,
@@ -584,7 +644,12 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
         op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD)
     cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
     cdef int nt = n_threads(outer * n * inner)
-    if nt == 1 or tasks == 1:
+    cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    if nt > 1 and inner == 1 and not backward and outer < nt and n >= 2 * SUPER:
+        for t in range(outer):      # few long rows: the threads share each row
+            stats_row(op, x + t * n, g + t if op == OP_LOGSUMEXP_BACKWARD else g,
+                      out + t if op == OP_LOGSUMEXP else out + t * n, n, nt)
+    elif nt == 1 or tasks == 1:
         for t in range(tasks):
             run_task(op, x, g, out, outer, n, inner, short_rows, t)
     else:
