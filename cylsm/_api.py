@@ -260,10 +260,14 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
-def _fast(op: str, x: Any, all_axes: bool = False) -> Any:
-    """The kernels' shortcut for a C-contiguous ndarray (None when it does not apply)."""
-    if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.char in "fd":
-        return _K.fast(_K.OPS[op], x, all_axes)
+def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None) -> Any:
+    """The kernels' shortcut for a C-contiguous float32/float64 ndarray and a C-contiguous
+    writable ``out`` (None when it does not apply)."""
+    if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.char in "fd" and (
+        out is None
+        or (type(out) is np.ndarray and out.flags.c_contiguous and out.flags.writeable)
+    ):
+        return _K.fast(_K.OPS[op], x, all_axes, out)
     return None
 
 
@@ -311,8 +315,8 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
-    if axis == -1 and out is None and dtype is None and where is None:
-        result = _fast("log_softmax", x)
+    if axis == -1 and dtype is None and where is None:
+        result = _fast("log_softmax", x, out=out)
         if result is not None:
             return result
     return _normalize("log_softmax", x, axis, out, dtype, where, -np.inf)
@@ -359,8 +363,8 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
-    if axis == -1 and out is None and dtype is None and where is None:
-        result = _fast("softmax", x)
+    if axis == -1 and dtype is None and where is None:
+        result = _fast("softmax", x, out=out)
         if result is not None:
             return result
     return _normalize("softmax", x, axis, out, dtype, where, 0.0)
@@ -437,9 +441,9 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
-    if (axis is None or axis == -1) and not keepdims and out is None and dtype is None \
+    if (axis is None or axis == -1) and not keepdims and dtype is None \
             and b is None and not return_sign and where is None:
-        result = _fast("logsumexp", a, all_axes=axis is None)
+        result = _fast("logsumexp", a, all_axes=axis is None, out=out)
         if result is not None:
             return result
     fname = "logsumexp"

@@ -25,7 +25,7 @@ NAME = "python"
 OPS = {"log_softmax": 0, "softmax": 1, "logsumexp": 2}
 
 
-def fast(op: int, x: np.ndarray, all_axes: bool = False) -> None:
+def fast(op: int, x: np.ndarray, all_axes: bool = False, out: np.ndarray | None = None) -> None:
     """The compiled backends' shortcut for the common call; this backend always declines."""
     return None
 

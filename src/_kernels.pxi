@@ -667,12 +667,15 @@ _empty = numpy.empty
 _empty_like = numpy.empty_like
 
 
-def fast(int op, x, bint all_axes=False):
-    """op (a value of OPS) of ``x``, a C-contiguous array; None when x is not a native
-    float32/float64 buffer with at least one element (the caller takes the general path)."""
+def fast(int op, x, bint all_axes=False, out=None):
+    """op (a value of OPS) of ``x``, a C-contiguous array, into ``out`` (None: a new array; else
+    a C-contiguous writable array).  Returns None when the shortcut does not apply: x not a
+    native float32/float64 buffer with at least one element, out not of the result's exact
+    shape and format, or out overlapping x without being x (the caller takes the general path)."""
     cdef Py_buffer bx, bo
-    cdef Py_ssize_t n, rows
+    cdef Py_ssize_t n, rows, i
     cdef char kind
+    cdef bint ok
     PyObject_GetBuffer(x, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
     try:
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
@@ -680,20 +683,36 @@ def fast(int op, x, bint all_axes=False):
             return None
         n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
-        if op == OP_LOGSUMEXP:
-            out = _empty(() if all_axes else x.shape[:-1], x.dtype)
-        else:
-            out = _empty_like(x)
-        PyObject_GetBuffer(out, &bo, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
-        with nogil:
-            if kind == b"f":
-                run(op, <const float*>bx.buf, <const float*>NULL, <float*>bo.buf, rows, n, 1)
-            else:
-                run(op, <const double*>bx.buf, <const double*>NULL, <double*>bo.buf, rows, n, 1)
-        PyBuffer_Release(&bo)
-        if op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
-            return out[()]          # a 0-d result is a NumPy scalar, as NumPy and scipy return
-        return out
+        result = out
+        if out is None and op == OP_LOGSUMEXP:
+            result = _empty(() if all_axes else x.shape[:-1], x.dtype)
+        elif out is None:
+            result = _empty_like(x)
+        PyObject_GetBuffer(result, &bo, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT)
+        try:
+            if out is not None:
+                ok = bo.format[0] == kind and bo.format[1] == 0
+                if op == OP_LOGSUMEXP:
+                    ok = ok and bo.ndim == (0 if all_axes else bx.ndim - 1)
+                else:
+                    ok = ok and bo.ndim == bx.ndim
+                for i in range(bo.ndim if ok else 0):
+                    ok = ok and bo.shape[i] == bx.shape[i]
+                if bo.buf != bx.buf and (<char*>bo.buf < <char*>bx.buf + bx.len and
+                                         <char*>bx.buf < <char*>bo.buf + bo.len):
+                    ok = False      # partial overlap: the general path copies
+                if not ok or (op == OP_LOGSUMEXP and bo.buf == bx.buf):
+                    return None
+            with nogil:
+                if kind == b"f":
+                    run(op, <const float*>bx.buf, <const float*>NULL, <float*>bo.buf, rows, n, 1)
+                else:
+                    run(op, <const double*>bx.buf, <const double*>NULL, <double*>bo.buf, rows, n, 1)
+        finally:
+            PyBuffer_Release(&bo)
+        if out is None and op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
+            return result[()]       # a 0-d result is a NumPy scalar, as NumPy and scipy return
+        return result
     finally:
         PyBuffer_Release(&bx)
 

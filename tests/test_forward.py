@@ -6,7 +6,8 @@ import array
 
 import numpy as np
 import pytest
-from numpy.testing import assert_array_equal
+import scipy.special
+from numpy.testing import assert_allclose, assert_array_equal
 
 from _reference import (
     assert_lse_close,
@@ -588,3 +589,36 @@ def test_one_dimensional_logsumexp_over_last_axis_is_a_scalar(lsm, dtype):
     for axis in (-1, 0, None):
         r = lsm.logsumexp(np.zeros(1, dtype), axis=axis)
         assert type(r) is dtype and r == 0
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax"])
+def test_contiguous_out_edge_cases(lsm, name):
+    # the shortcut for C-contiguous arrays must hand these to the general path
+    f = getattr(lsm, name)
+    x = np.random.default_rng(5).standard_normal((4, 6))
+    expected = f(x)
+    with pytest.raises(ValueError, match="shape"):
+        f(x, out=np.empty((6, 4)))                  # same size, other shape
+    with pytest.raises(ValueError, match="dtype"):
+        f(x, out=np.empty((4, 6), np.float32))
+    buf = np.zeros(30)
+    xs = buf[:24].reshape(4, 6)
+    xs[...] = x
+    out = buf[6:30].reshape(4, 6)                   # overlaps x, shifted by one row
+    f(xs, out=out)
+    assert_allclose(out, expected, rtol=1e-15, atol=0)
+    y = x.copy()
+    assert f(y, out=y) is y
+    assert_allclose(y, expected, rtol=1e-15, atol=0)
+
+
+def test_contiguous_logsumexp_out(lsm):
+    x = np.random.default_rng(6).standard_normal((3, 5))
+    out = np.empty(3)
+    assert lsm.logsumexp(x, axis=-1, out=out) is out
+    assert_allclose(out, scipy.special.logsumexp(x, axis=-1), rtol=1e-15)
+    with pytest.raises(ValueError, match="shape"):
+        lsm.logsumexp(x, axis=-1, out=np.empty(5))
+    scalar_out = np.empty(())
+    assert lsm.logsumexp(x, out=scalar_out) is scalar_out
+    assert_allclose(scalar_out, scipy.special.logsumexp(x), rtol=1e-15)
