@@ -281,12 +281,14 @@ def test_backward_backends(lsm, data, keepdims):
     a, b = both(lsm, "log_softmax_backward", g, y, axis=axis)
     gl = np.abs(g.astype(LD))
     scale = gl + np.exp(np.asarray(y, LD)) * np.sum(gl, axis=axes, keepdims=True)
-    assert np.all(np.abs(np.asarray(a, LD) - np.asarray(b, LD)) <= 16 * e * scale)
+    # the rounding of a result into the subnormal range costs one spacing there, whatever scale
+    floor = float(np.finfo(dtype).smallest_subnormal)
+    assert np.all(np.abs(np.asarray(a, LD) - np.asarray(b, LD)) <= 16 * e * scale + floor)
 
     a, b = both(lsm, "softmax_backward", g, p, axis=axis)
     pl = np.asarray(p, LD)
     scale = pl * (gl + np.sum(gl * pl, axis=axes, keepdims=True))
-    assert np.all(np.abs(np.asarray(a, LD) - np.asarray(b, LD)) <= 16 * e * scale)
+    assert np.all(np.abs(np.asarray(a, LD) - np.asarray(b, LD)) <= 16 * e * scale + floor)
 
     gr = data.draw(hnp.arrays(dtype, reduced_shape(x.shape, axis, keepdims),
                               elements=st.floats(-10, 10, width=32)))
