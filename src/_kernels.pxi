@@ -93,6 +93,7 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
+    KEEP_BYTES = 262144   # softmax rows up to this size keep their exps (they stay in cache)
     KC = 128          # rows of a column kernel summed before the compensated add
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
@@ -294,9 +295,10 @@ cdef inline Py_ssize_t first_equal(const floating* x, Py_ssize_t n, floating v) 
 
 
 cdef inline void group_sumexp(const floating* x, Py_ssize_t i0, Py_ssize_t n, floating mx,
-                              Py_ssize_t ex, double* part) noexcept nogil:
+                              Py_ssize_t ex, double* part, floating* store) noexcept nogil:
     """part[j] += exp(x[i0 + j] - mx) for the j < W with i0 + j < n and i0 + j != ex; the lanes
-    past n read nothing (masked), so a partial group needs no scalar loop."""
+    past n read nothing (masked), so a partial group needs no scalar loop.  When store is not
+    NULL, every exp of the group (ex's included) is stored there too."""
     cdef Py_ssize_t j, i
     cdef floating v, e
     for j in range(W):
@@ -304,23 +306,36 @@ cdef inline void group_sumexp(const floating* x, Py_ssize_t i0, Py_ssize_t n, fl
         v = x[i] if i < n else mx
         e = exp_diff(v, mx)
         part[j] += e if (i < n) & (i != ex) else 0
+    if store != NULL:
+        for j in range(W if i0 + W <= n else n - i0):
+            store[i0 + j] = exp_diff(x[i0 + j], mx)
 
 
 cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
-                              double* part) noexcept nogil:
-    """part[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j."""
+                              double* part, floating* store) noexcept nogil:
+    """part[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j; every
+    exp is also stored in store[i] when store is not NULL."""
     cdef Py_ssize_t g, j, ng = n // W
     cdef Py_ssize_t gex = ex // W if ex >= 0 else ng
-    for g in range(gex if gex < ng else ng):
-        for j in range(W):
-            part[j] += exp_diff(x[g * W + j], mx)
-    if gex < ng:
-        group_sumexp(x, gex * W, n, mx, ex, part)
-        for g in range(gex + 1, ng):
-            for j in range(W):
-                part[j] += exp_diff(x[g * W + j], mx)
+    cdef floating e
+    if store == NULL:
+        for g in range(ng):
+            if g == gex:
+                group_sumexp(x, g * W, n, mx, ex, part, store)
+            else:
+                for j in range(W):
+                    part[j] += exp_diff(x[g * W + j], mx)
+    else:
+        for g in range(ng):
+            if g == gex:
+                group_sumexp(x, g * W, n, mx, ex, part, store)
+            else:
+                for j in range(W):
+                    e = exp_diff(x[g * W + j], mx)
+                    store[g * W + j] = e
+                    part[j] += e
     if n % W:
-        group_sumexp(x, ng * W, n, mx, ex, part)
+        group_sumexp(x, ng * W, n, mx, ex, part, store)
 
 
 cdef floating super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
@@ -338,9 +353,11 @@ cdef floating super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexc
     return mx
 
 
-cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex) noexcept nogil:
+cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
+                      floating* store) noexcept nogil:
     """sum of exp(x - mx) over x[0:n] (n <= SUPER) but x[ex] (ex = -1: none): lane sums within
-    blocks of BLOCK, the blocks added lane by lane with TwoSum."""
+    blocks of BLOCK, the blocks added lane by lane with TwoSum.  The exps are also stored in
+    store[0:n] when store is not NULL."""
     cdef double tot[W]
     cdef double comp[W]
     cdef double part[W]
@@ -353,7 +370,8 @@ cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t e
         bn = BLOCK if n - b > BLOCK else n - b
         for j in range(W):
             part[j] = 0.0
-        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, part)
+        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, part,
+                     NULL if store == NULL else store + b)
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], part[j])
         b += BLOCK
@@ -367,12 +385,13 @@ cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:
 
 
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
-                    int nt) noexcept nogil:
+                    int nt, floating* store) noexcept nogil:
     """M: max of the row (NaN ignored); L = log1p(t), S = 1 + t with t the sum of exp(x - M)
     over all elements but the first maximal one.  The row is cut into superblocks of SUPER
     elements, each reduced by one thread (blocks of BLOCK summed in lanes, blocks added with
     TwoSum), and the superblocks are combined in order, with TwoSum: long rows do not drift,
-    and the result is the same for any number of threads nt."""
+    and the result is the same for any number of threads nt.  When store is not NULL and M is
+    finite, exp(x - M) is stored there (for softmax: no second exp)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, ia, best = 0, best_k
     cdef floating mx = -INFINITY, smax_k
     cdef double t = 0.0, c = 0.0
@@ -404,10 +423,12 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         ia = best + first_equal(x + best, BLOCK if n - best > BLOCK else n - best, mx)
         if nt > 1 and ns > 1:
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-                ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER)
+                ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
+                                    NULL if store == NULL else store + k * SUPER)
         for k in range(ns):
             two_sum_add(&t, &c, ssum[k] if nt > 1 and ns > 1 else
-                        super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER))
+                        super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
+                                  NULL if store == NULL else store + k * SUPER))
         t += c
         L[0] = log1p(t)
         S[0] = 1.0 + t
@@ -455,8 +476,13 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     nt threads work on this one row (superblock by superblock)."""
     cdef double M, L, S
     cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
-    row_stats(x, n, &M, &L, &S, nt)
-    if op == OP_LOGSUMEXP or nt == 1 or ns == 1:
+    # softmax of a row that stays in cache: keep the exps of the sum pass in out
+    cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES
+    row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL)
+    if keep and -INFINITY < M < INFINITY:
+        for k in range(n):
+            out[k] = <floating>(out[k] / S)
+    elif op == OP_LOGSUMEXP or nt == 1 or ns == 1:
         row_output(op, x, g, out, n, M, L, S)
     else:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
