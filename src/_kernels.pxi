@@ -260,9 +260,26 @@ cdef double nonfinite_stats(const floating* p, Py_ssize_t n, Py_ssize_t s, doubl
 # For a finite M, L = log1p(t) and S = 1 + t with t the sum without the first maximal element.
 
 
-cdef inline floating block_max(const floating* x, Py_ssize_t n) noexcept nogil:
-    """max of x[0:n] (n >= 1) by integer keys: NaN ignored if negative, returned if positive
-    (either way a row holding a NaN ends up NaN); -inf if nothing is greater."""
+cdef inline int64_t key(floating v) noexcept nogil:
+    """An order-preserving integer key of v (see cylsm_key32/64)."""
+    if floating is float:
+        return cylsm_key32(v)
+    else:
+        return cylsm_key64(v)
+
+
+cdef inline floating unkey(int64_t k, floating* kind) noexcept nogil:
+    """The value whose key is k (kind only selects the type)."""
+    if floating is float:
+        return cylsm_unkey32(<int32_t>k)
+    else:
+        return cylsm_unkey64(k)
+
+
+cdef inline int64_t block_max(const floating* x, Py_ssize_t n) noexcept nogil:
+    """The largest key of x[0:n] (n >= 1): integer max reductions vectorize (IEEE ones do not
+    without -ffast-math).  Negative NaNs rank below -inf, positive ones above +inf: either way a
+    row holding a NaN ends up NaN."""
     cdef Py_ssize_t i
     cdef int32_t k32, m32 = cylsm_key32(-INFINITY)
     cdef int64_t k64, m64 = cylsm_key64(-INFINITY)
@@ -270,26 +287,31 @@ cdef inline floating block_max(const floating* x, Py_ssize_t n) noexcept nogil:
         for i in range(n):
             k32 = cylsm_key32(x[i])
             m32 = k32 if k32 > m32 else m32
-        return cylsm_unkey32(m32)
+        return m32
     else:
         for i in range(n):
             k64 = cylsm_key64(x[i])
             m64 = k64 if k64 > m64 else m64
-        return cylsm_unkey64(m64)
+        return m64
 
 
-cdef inline Py_ssize_t first_equal(const floating* x, Py_ssize_t n, floating v) noexcept nogil:
-    """The first i < n with x[i] == v (n if none), testing W elements at a time."""
+cdef inline Py_ssize_t first_key(const floating* x, Py_ssize_t n, int64_t k) noexcept nogil:
+    """The first i < n whose key is k (n if none), testing W elements at a time."""
     cdef Py_ssize_t i = 0, j, full = n - n % W
     cdef int hits
+    cdef int32_t k32 = <int32_t>k
     while i < full:
         hits = 0
-        for j in range(W):
-            hits += x[i + j] == v
+        if floating is float:
+            for j in range(W):
+                hits += cylsm_key32(x[i + j]) == k32
+        else:
+            for j in range(W):
+                hits += cylsm_key64(x[i + j]) == k
         if hits:
             break
         i += W
-    while i < n and x[i] != v:
+    while i < n and key(x[i]) != k:
         i += 1
     return i
 
@@ -338,19 +360,19 @@ cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_s
         group_sumexp(x, ng * W, n, mx, ex, part, store)
 
 
-cdef floating super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
-    """max of x[0:n] (n <= SUPER); OUT best: the offset of the first block reaching it."""
+cdef int64_t super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
+    """The largest key of x[0:n] (n <= SUPER); OUT best: the offset of the first block with it."""
     cdef Py_ssize_t b = 0, bn
-    cdef floating mx = -INFINITY, bm
+    cdef int64_t mk = key(<floating>-INFINITY), bk
     best[0] = 0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        bm = block_max(x + b, bn)
-        if bm > mx:                 # a NaN block maximum is passed over: the sum gives NaN
-            mx = bm
+        bk = block_max(x + b, bn)
+        if bk > mk:
+            mk = bk
             best[0] = b
         b += BLOCK
-    return mx
+    return mk
 
 
 cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
@@ -393,13 +415,14 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     and the result is the same for any number of threads nt.  When store is not NULL and M is
     finite, exp(x - M) is stored there (for softmax: no second exp)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, ia, best = 0, best_k
-    cdef floating mx = -INFINITY, smax_k
+    cdef int64_t mk = key(<floating>-INFINITY), smax_k
+    cdef floating mx
     cdef double t = 0.0, c = 0.0
-    cdef floating* smax = NULL
+    cdef int64_t* smax = NULL
     cdef Py_ssize_t* sbest = NULL
     cdef double* ssum = NULL
     if nt > 1 and ns > 1:
-        smax = <floating*>malloc(ns * sizeof(floating))
+        smax = <int64_t*>malloc(ns * sizeof(int64_t))
         sbest = <Py_ssize_t*>malloc(ns * sizeof(Py_ssize_t))
         ssum = <double*>malloc(ns * sizeof(double))
         if smax == NULL or sbest == NULL or ssum == NULL:
@@ -413,14 +436,15 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         else:
             smax_k = smax[k]
             best_k = sbest[k]
-        if smax_k > mx:
-            mx = smax_k
+        if smax_k > mk:
+            mk = smax_k
             best = k * SUPER + best_k
+    mx = unkey(mk, &mx)
     M[0] = mx
     if not (-INFINITY < mx < INFINITY):
         L[0] = nonfinite_stats(x, n, 1, S)
     else:
-        ia = best + first_equal(x + best, BLOCK if n - best > BLOCK else n - best, mx)
+        ia = best + first_key(x + best, BLOCK if n - best > BLOCK else n - best, mk)
         if nt > 1 and ns > 1:
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
                 ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
