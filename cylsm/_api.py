@@ -260,14 +260,18 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
-def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None) -> Any:
-    """The kernels' shortcut for a C-contiguous float32/float64 ndarray and a C-contiguous
-    writable ``out`` (None when it does not apply)."""
-    if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.char in "fd" and (
+def _contiguous(a: Any) -> bool:
+    return type(a) is np.ndarray and a.flags.c_contiguous and a.dtype.char in "fd"
+
+
+def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None, g: Any = None) -> Any:
+    """The kernels' shortcut for C-contiguous float32/float64 ndarrays (x, and g for the
+    backward ops) and a C-contiguous writable ``out``; None when it does not apply."""
+    if _contiguous(x) and (g is None or _contiguous(g)) and (
         out is None
         or (type(out) is np.ndarray and out.flags.c_contiguous and out.flags.writeable)
     ):
-        return _K.fast(_K.OPS[op], x, all_axes, out)
+        return _K.fast(_K.OPS[op], x, all_axes, out, g)
     return None
 
 
@@ -499,6 +503,10 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
+    if axis == -1 and where is None:
+        result = _fast(fname, y, out=out, g=grad)
+        if result is not None:
+            return result
     g = _array(grad, fname, "grad")
     ya = _array(y, fname, yname)
     _same_shape(fname, g, "grad", ya, yname)

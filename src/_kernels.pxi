@@ -554,8 +554,13 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
         if M == -INFINITY:      # logsumexp is -inf: the gradient is exactly 0
             gr = 0.0
             M = 0.0
-        for i in range(n):
-            out[i] = <floating>(gr * exp_diff2(x[i], M, L))
+        if floating is float:   # exp(x - M) in float (exact difference), exp(-L) once in double
+            gr = gr * cylsm_exp_lo(-L, 0.0)
+            for i in range(n):
+                out[i] = <floating>(gr * exp_diff(x[i], <floating>M))
+        else:
+            for i in range(n):
+                out[i] = <floating>(gr * exp_diff2(x[i], M, L))
 
 
 cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
@@ -574,10 +579,12 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
         return
     if op == OP_LOGSUMEXP_BACKWARD:
         for j in range(w):
-            S[j] = g[j]             # S now holds the upstream gradient
+            S[j] = g[j]             # S now holds the upstream gradient (times exp(-L): float)
             if M[j] == -INFINITY:
                 S[j] = 0.0
                 M[j] = 0.0
+            if floating is float:
+                S[j] = S[j] * cylsm_exp_lo(-L[j], 0.0)
     for i in range(n):
         xr = x + i * s
         orow = out + i * s
@@ -587,6 +594,9 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
         elif op == OP_SOFTMAX:
             for j in range(w):
                 orow[j] = <floating>(exp_diff(xr[j], <floating>M[j]) / S[j])
+        elif floating is float:     # S[j] holds grad * exp(-L), see above
+            for j in range(w):
+                orow[j] = <floating>(S[j] * exp_diff(xr[j], <floating>M[j]))
         else:
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
@@ -712,25 +722,53 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
 # dispatch, no memoryviews): one C-contiguous native float32/float64 array, reduced over its
 # last axis (log_softmax, softmax, logsumexp) or over all of it (logsumexp).
 
-OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOGSUMEXP}
+OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOGSUMEXP,
+       "log_softmax_backward": OP_LOG_SOFTMAX_BACKWARD, "softmax_backward": OP_SOFTMAX_BACKWARD}
 _empty = numpy.empty
 _empty_like = numpy.empty_like
 
 
-def fast(int op, x, bint all_axes=False, out=None):
+cdef bint same_layout(Py_buffer* a, Py_buffer* b) noexcept:
+    """Same format and shape."""
+    cdef Py_ssize_t i
+    if a.format[0] != b.format[0] or b.format[1] != 0 or a.ndim != b.ndim:
+        return False
+    for i in range(a.ndim):
+        if a.shape[i] != b.shape[i]:
+            return False
+    return True
+
+
+cdef bint overlap(Py_buffer* a, Py_buffer* b) noexcept:
+    """Do the two buffers overlap without starting at the same address?"""
+    return a.buf != b.buf and (<char*>a.buf < <char*>b.buf + b.len and
+                               <char*>b.buf < <char*>a.buf + a.len)
+
+
+def fast(int op, x, bint all_axes=False, out=None, g=None):
     """op (a value of OPS) of ``x``, a C-contiguous array, into ``out`` (None: a new array; else
-    a C-contiguous writable array).  Returns None when the shortcut does not apply: x not a
-    native float32/float64 buffer with at least one element, out not of the result's exact
-    shape and format, or out overlapping x without being x (the caller takes the general path)."""
-    cdef Py_buffer bx, bo
+    a C-contiguous writable array).  For the backward ops x is the forward output (y or p) and
+    g the upstream gradient (C-contiguous).  Returns None when the shortcut does not apply:
+    x not a native float32/float64 buffer with at least one element, g or out not of x's exact
+    shape and format, or out overlapping an input without being it (the caller then takes the
+    general path, which handles all of these)."""
+    cdef Py_buffer bx, bo, bg
     cdef Py_ssize_t n, rows, i
     cdef char kind
     cdef bint ok
+    cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    cdef bint have_g = False
     PyObject_GetBuffer(x, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    bg.buf = NULL
     try:
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
         if bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d"):
             return None
+        if backward:
+            PyObject_GetBuffer(g, &bg, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+            have_g = True
+            if not same_layout(&bx, &bg):
+                return None
         n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
         result = out
@@ -741,23 +779,23 @@ def fast(int op, x, bint all_axes=False, out=None):
         PyObject_GetBuffer(result, &bo, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT)
         try:
             if out is not None:
-                ok = bo.format[0] == kind and bo.format[1] == 0
                 if op == OP_LOGSUMEXP:
-                    ok = ok and bo.ndim == (0 if all_axes else bx.ndim - 1)
+                    ok = bo.format[0] == kind and bo.format[1] == 0 and (
+                        bo.ndim == (0 if all_axes else bx.ndim - 1))
+                    for i in range(bo.ndim if ok else 0):
+                        ok = ok and bo.shape[i] == bx.shape[i]
+                    ok = ok and bo.buf != bx.buf and not overlap(&bo, &bx)
                 else:
-                    ok = ok and bo.ndim == bx.ndim
-                for i in range(bo.ndim if ok else 0):
-                    ok = ok and bo.shape[i] == bx.shape[i]
-                if bo.buf != bx.buf and (<char*>bo.buf < <char*>bx.buf + bx.len and
-                                         <char*>bx.buf < <char*>bo.buf + bo.len):
-                    ok = False      # partial overlap: the general path copies
-                if not ok or (op == OP_LOGSUMEXP and bo.buf == bx.buf):
+                    ok = same_layout(&bx, &bo) and not overlap(&bo, &bx)
+                    ok = ok and not (backward and overlap(&bo, &bg))
+                if not ok:          # the general path validates, and copies on overlap
                     return None
             with nogil:
                 if kind == b"f":
-                    run(op, <const float*>bx.buf, <const float*>NULL, <float*>bo.buf, rows, n, 1)
+                    run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
                 else:
-                    run(op, <const double*>bx.buf, <const double*>NULL, <double*>bo.buf, rows, n, 1)
+                    run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
+                        rows, n, 1)
         finally:
             PyBuffer_Release(&bo)
         if out is None and op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
@@ -765,6 +803,8 @@ def fast(int op, x, bint all_axes=False, out=None):
         return result
     finally:
         PyBuffer_Release(&bx)
+        if have_g:
+            PyBuffer_Release(&bg)
 
 
 # ---------------------------------------------------------------------------------------------

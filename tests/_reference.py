@@ -105,15 +105,22 @@ def _row_parts(r: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.n
     return d, rest, m
 
 
-def ref_logsumexp(x: Any, axis: Any = None, keepdims: bool = False, where: Any = None,
-                  hp: Any = None) -> np.ndarray:
-    """logsumexp in the higher precision ``hp`` (finite and -inf entries only)."""
+def _rows(x: Any, axis: Any, where: Any, hp: Any) -> tuple[np.ndarray, Any, Any, Any]:
+    """x in the precision hp (default: the one above its result dtype) as rows, the layout
+    info to undo it, the mask as rows (None without a mask) and x as an array."""
     x = np.asarray(x)
     hp = hp or higher(result_dtype(x.dtype))
     rows, info = to_rows(x.astype(hp), axis)
     mrows = None
     if where is not None:
         mrows, _ = to_rows(np.broadcast_to(where, x.shape), axis)
+    return rows, info, mrows, x
+
+
+def ref_logsumexp(x: Any, axis: Any = None, keepdims: bool = False, where: Any = None,
+                  hp: Any = None) -> np.ndarray:
+    """logsumexp in the higher precision ``hp`` (finite and -inf entries only)."""
+    rows, info, mrows, x = _rows(x, axis, where, hp)
     _, rest, m = _row_parts(rows, mrows)
     with np.errstate(all="ignore"):
         res = np.where(np.isfinite(m), m + np.log1p(rest), m)
@@ -121,12 +128,7 @@ def ref_logsumexp(x: Any, axis: Any = None, keepdims: bool = False, where: Any =
 
 
 def ref_log_softmax(x: Any, axis: Any = -1, where: Any = None, hp: Any = None) -> np.ndarray:
-    x = np.asarray(x)
-    hp = hp or higher(result_dtype(x.dtype))
-    rows, info = to_rows(x.astype(hp), axis)
-    mrows = None
-    if where is not None:
-        mrows, _ = to_rows(np.broadcast_to(where, x.shape), axis)
+    rows, info, mrows, x = _rows(x, axis, where, hp)
     d, rest, m = _row_parts(rows, mrows)
     with np.errstate(all="ignore"):
         y = d - np.log1p(rest)[:, None]
@@ -137,12 +139,7 @@ def ref_log_softmax(x: Any, axis: Any = -1, where: Any = None, hp: Any = None) -
 
 
 def ref_softmax(x: Any, axis: Any = -1, where: Any = None, hp: Any = None) -> np.ndarray:
-    x = np.asarray(x)
-    hp = hp or higher(result_dtype(x.dtype))
-    rows, info = to_rows(x.astype(hp), axis)
-    mrows = None
-    if where is not None:
-        mrows, _ = to_rows(np.broadcast_to(where, x.shape), axis)
+    rows, info, mrows, x = _rows(x, axis, where, hp)
     d, rest, m = _row_parts(rows, mrows)
     with np.errstate(all="ignore"):
         p = np.exp(d) / (1 + rest)[:, None]
