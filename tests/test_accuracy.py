@@ -13,7 +13,6 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from _reference import (
-    LD,
     eps,
     higher,
     lse_err,

@@ -17,7 +17,6 @@ from _reference import (
     ref_log_softmax,
     ref_log_softmax_backward,
     ref_logsumexp,
-    ref_logsumexp_backward,
     ref_softmax,
     ref_softmax_backward,
     same_special,
