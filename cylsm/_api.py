@@ -247,16 +247,17 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     layout = _Layout(xv.shape, axes, (None if outv is None else _c_order(outv)) or _c_order(xv))
     res = _result_buffer(outv, cdt, [xv], layout)
     r3 = layout.view3(res)
-    if mask is not None or xv.dtype != cdt or not layout.fits(xv):
+    masked = None if mask is None else ~mask
+    if masked is not None or xv.dtype != cdt or not layout.fits(xv):
         np.copyto(res, xv, casting="unsafe")       # work in place in the result
-        if mask is not None:
-            np.copyto(res, -np.inf, where=~mask)
+        if masked is not None:
+            np.copyto(res, -np.inf, where=masked)
         x3 = r3
     else:
         x3 = layout.three(xv, cdt)
     getattr(_kernels(cdt), fname)(x3, r3)
-    if mask is not None:
-        np.copyto(res, fill, where=~mask)
+    if masked is not None:
+        np.copyto(res, fill, where=masked)
     return _finish(res, out, rdt, scalar)
 
 

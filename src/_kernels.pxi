@@ -7,16 +7,20 @@ middle axis; ``cylsm._api`` has already validated and normalised the arguments, 
 checks them again.  The Python backend (``cylsm/_python.py``) implements the same functions with
 the same signatures and is the readable statement of the algorithms.
 
-Two loop shapes share the same building blocks ("panels": K rows of w lanes, rows ``s`` apart):
+Three loop shapes:
 
-* row kernels (inner == 1): a row of n elements is seen as n // W rows of W lanes plus a tail;
+* row kernels (inner == 1): a row is cut into blocks of BLOCK elements summed in W lanes, and
+  blocks into superblocks of SUPER elements; one long row is shared by the threads superblock
+  by superblock;
+* short rows (n < SHORT): TILE rows are transposed into a buffer and reduced by the column
+  kernel, one lane per row;
 * column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously.
 
-Accuracy: the exps are summed per lane in blocks of KC rows and the block sums are added with
-TwoSum compensation, so long rows do not drift; the largest element is left out of the sum
-(it contributes exactly 1) and log_softmax/logsumexp use log1p of the rest.  float32 data is
-computed in double.  Every row or column block is computed by one thread, start to end, so the
-results do not depend on the number of threads.
+Accuracy: x - max is formed exactly (its rounding error enters exp's reduced argument); the
+largest element is left out of the sum (it contributes exactly 1) and log_softmax/logsumexp use
+log1p of the rest; partial sums are added with TwoSum and combined in a fixed order, so long
+rows do not drift and the results do not depend on the number of threads.  float32 data uses a
+float32 exp and accumulates in double.
 """
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
@@ -60,13 +64,6 @@ cdef inline floating exp_t(floating a) noexcept nogil:
         return cylsm_expf_lo(a, 0.0)
     else:
         return cylsm_exp_lo(a, 0.0)
-
-
-cdef inline double exp_diff_d(double a, double b) noexcept nogil:
-    """exp(a - b) in double, a - b formed exactly."""
-    cdef double lo
-    cdef double d = cylsm_two_diff(a, b, &lo)
-    return cylsm_exp_lo(d, lo)
 
 
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
@@ -421,21 +418,21 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     cdef int64_t* smax = NULL
     cdef Py_ssize_t* sbest = NULL
     cdef double* ssum = NULL
-    if nt > 1 and ns > 1:
+    cdef bint par = nt > 1 and ns > 1       # superblocks reduced in parallel, kept in scratch
+    if par:
         smax = <int64_t*>malloc(ns * sizeof(int64_t))
         sbest = <Py_ssize_t*>malloc(ns * sizeof(Py_ssize_t))
         ssum = <double*>malloc(ns * sizeof(double))
-        if smax == NULL or sbest == NULL or ssum == NULL:
-            nt = 1                  # no scratch: the serial path gives the same result
-    if nt > 1 and ns > 1:
+        par = smax != NULL and sbest != NULL and ssum != NULL   # else serial: same result
+    if par:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
             smax[k] = super_max(x + k * SUPER, super_len(n, k), &sbest[k])
     for k in range(ns):
-        if nt == 1 or ns == 1:
-            smax_k = super_max(x + k * SUPER, super_len(n, k), &best_k)
-        else:
+        if par:
             smax_k = smax[k]
             best_k = sbest[k]
+        else:
+            smax_k = super_max(x + k * SUPER, super_len(n, k), &best_k)
         if smax_k > mk:
             mk = smax_k
             best = k * SUPER + best_k
@@ -445,12 +442,12 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
         L[0] = nonfinite_stats(x, n, 1, S)
     else:
         ia = best + first_key(x + best, BLOCK if n - best > BLOCK else n - best, mk)
-        if nt > 1 and ns > 1:
+        if par:
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
                 ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
                                     NULL if store == NULL else store + k * SUPER)
         for k in range(ns):
-            two_sum_add(&t, &c, ssum[k] if nt > 1 and ns > 1 else
+            two_sum_add(&t, &c, ssum[k] if par else
                         super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
                                   NULL if store == NULL else store + k * SUPER))
         t += c
@@ -700,11 +697,10 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     """Spread the rows (or tiles, or column blocks) of an (outer, n, inner) problem over the
     threads; no parallel region at all for small problems.  For the backward ops x is the
     forward output (y or p) and g the upstream gradient."""
-    cdef bint short_rows = inner == 1 and n < SHORT and not (
-        op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD)
+    cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    cdef bint short_rows = inner == 1 and n < SHORT and not backward
     cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
     cdef int nt = n_threads(outer * n * inner)
-    cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     if nt > 1 and inner == 1 and not backward and outer < nt and n >= 2 * SUPER:
         for t in range(outer):      # few long rows: the threads share each row
             stats_row(op, x + t * n, g + t if op == OP_LOGSUMEXP_BACKWARD else g,
@@ -889,7 +885,7 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
-                two_sum_add(&tot, &comp, bk * exp_diff_d(v, mx))
+                two_sum_add(&tot, &comp, bk * exp_diff[double](v, mx))
     M[0] = mx
     mw[0] = wsum
     rest[0] = tot + comp
@@ -946,7 +942,7 @@ cdef void weighted_grad_line(const floating* g, const floating* x, const floatin
         scale = g[0] / (mw + rest)
     for k in range(n):
         bk = b[k * s]
-        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff_d(x[k * s], M))
+        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff[double](x[k * s], M))
 
 
 def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,
