@@ -17,8 +17,8 @@ Three loop shapes:
 * column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously.
 
 Accuracy: x - max is formed exactly (its rounding error enters exp's reduced argument); the
-largest element is left out of the sum (it contributes exactly 1) and log_softmax/logsumexp use
-log1p of the rest; partial sums are added with TwoSum and combined in a fixed order, so long
+elements equal to the maximum are counted, not summed (each contributes exactly 1), and
+log_softmax/logsumexp use log1p of the count - 1 plus the sum of the rest; partial sums are added with TwoSum and combined in a fixed order, so long
 rows do not drift and the results do not depend on the number of threads.  float32 data uses a
 float32 exp and accumulates in double.
 """
@@ -35,6 +35,8 @@ cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp_lo(double x, double lo) noexcept
     double cylsm_two_diff(double a, double b, double* lo) noexcept
     float cylsm_expf_lo(float x, float lo) noexcept
+    double cylsm_exp_nonpos(double x, double lo) noexcept
+    float cylsm_expf_nonpos(float x, float lo) noexcept
     float cylsm_two_difff(float a, float b, float* lo) noexcept
     int32_t cylsm_key32(float x) noexcept
     float cylsm_unkey32(int32_t k) noexcept
@@ -47,15 +49,16 @@ ctypedef fused floating:
 
 
 cdef inline floating exp_diff(floating a, floating b) noexcept nogil:
-    """exp(a - b) in the precision of the data, with a - b formed exactly: its rounding would
-    otherwise cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum)."""
+    """exp(a - b) for a <= b (or NaN), in the precision of the data, with a - b formed exactly:
+    its rounding would otherwise cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below
+    the maximum)."""
     cdef floating lo, d
     if floating is float:
         d = cylsm_two_difff(a, b, &lo)
-        return cylsm_expf_lo(d, lo)
+        return cylsm_expf_nonpos(d, lo)
     else:
         d = cylsm_two_diff(a, b, &lo)
-        return cylsm_exp_lo(d, lo)
+        return cylsm_exp_nonpos(d, lo)
 
 
 cdef inline floating exp_t(floating a) noexcept nogil:
@@ -67,11 +70,11 @@ cdef inline floating exp_t(floating a) noexcept nogil:
 
 
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
-    """exp((a - b) - c), both differences formed exactly."""
+    """exp((a - b) - c) for a <= b and c >= 0, both differences formed exactly."""
     cdef double lo1, lo2
     cdef double d = cylsm_two_diff(a, b, &lo1)
     d = cylsm_two_diff(d, c, &lo2)
-    return cylsm_exp_lo(d, lo1 + lo2)
+    return cylsm_exp_nonpos(d, lo1 + lo2)
 
 cdef extern from *:
     """
@@ -163,32 +166,34 @@ cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nog
 
 
 cdef inline void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                           floating* m) noexcept nogil:
-    """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if nothing is greater)."""
+                           floating* m, double* ones) noexcept nogil:
+    """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if nothing is greater);
+    OUT ones[j]: the number of k with p[k*s + j] == m[j]."""
     cdef Py_ssize_t k, j
     cdef const floating* row
     cdef floating v
     for j in range(w):
         m[j] = -INFINITY
+        ones[j] = 0
     for k in range(K):
         row = p + k * s
         for j in range(w):
             v = row[j]
+            ones[j] = 1 if v > m[j] else ones[j] + (v == m[j])
             m[j] = v if v > m[j] else m[j]
 
 
 cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                              const floating* m, double* tot, double* part, double* comp,
-                              floating* seen) noexcept nogil:
-    """OUT tot[j] = sum over k < K of exp(p[k*s + j] - m[j]), leaving out the first element
-    equal to m[j] (it contributes exactly 1).  part, comp, seen: scratch of w."""
+                              const floating* m, double* tot, double* part,
+                              double* comp) noexcept nogil:
+    """OUT tot[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] != m[j] (the
+    others contribute exactly 1 each; panel_max counts them).  part, comp: scratch of w."""
     cdef Py_ssize_t k, k0, k1, j
     cdef const floating* row
-    cdef floating v, e, first
+    cdef floating v, e
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
-        seen[j] = 0
     k0 = 0
     while k0 < K:
         k1 = k0 + KC if k0 + KC < K else K
@@ -199,9 +204,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
             for j in range(w):
                 v = row[j]
                 e = exp_diff(v, m[j])
-                first = 1 if (v == m[j]) & (seen[j] == 0) else 0
-                seen[j] += first
-                part[j] += 0 if first else e
+                part[j] = part[j] if v == m[j] else part[j] + e
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -254,7 +257,8 @@ cdef double nonfinite_stats(const floating* p, Py_ssize_t n, Py_ssize_t s, doubl
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of one row / one block of columns: max M, L = log(sum exp(x - M)), S = sum exp(x - M).
-# For a finite M, L = log1p(t) and S = 1 + t with t the sum without the first maximal element.
+# For a finite M, L = log1p((c - 1) + t) and S = c + t, with c the number of elements equal to M
+# and t the sum over the others: the terms that are exactly 1 are kept out of the small sum.
 
 
 cdef inline int64_t key(floating v) noexcept nogil:
@@ -292,111 +296,100 @@ cdef inline int64_t block_max(const floating* x, Py_ssize_t n) noexcept nogil:
         return m64
 
 
-cdef inline Py_ssize_t first_key(const floating* x, Py_ssize_t n, int64_t k) noexcept nogil:
-    """The first i < n whose key is k (n if none), testing W elements at a time."""
-    cdef Py_ssize_t i = 0, j, full = n - n % W
-    cdef int hits
+cdef inline Py_ssize_t count_key(const floating* x, Py_ssize_t n, int64_t k) noexcept nogil:
+    """The number of elements of x[0:n] whose key is k."""
+    cdef Py_ssize_t i, c = 0
     cdef int32_t k32 = <int32_t>k
-    while i < full:
-        hits = 0
-        if floating is float:
-            for j in range(W):
-                hits += cylsm_key32(x[i + j]) == k32
-        else:
-            for j in range(W):
-                hits += cylsm_key64(x[i + j]) == k
-        if hits:
-            break
-        i += W
-    while i < n and key(x[i]) != k:
-        i += 1
-    return i
-
-
-cdef inline void group_sumexp(const floating* x, Py_ssize_t i0, Py_ssize_t n, floating mx,
-                              Py_ssize_t ex, double* part, floating* store) noexcept nogil:
-    """part[j] += exp(x[i0 + j] - mx) for the j < W with i0 + j < n and i0 + j != ex; the lanes
-    past n read nothing (masked), so a partial group needs no scalar loop.  When store is not
-    NULL, every exp of the group (ex's included) is stored there too."""
-    cdef Py_ssize_t j, i
-    cdef floating v, e
-    for j in range(W):
-        i = i0 + j
-        v = x[i] if i < n else mx
-        e = exp_diff(v, mx)
-        part[j] += e if (i < n) & (i != ex) else 0
-    if store != NULL:
-        for j in range(W if i0 + W <= n else n - i0):
-            store[i0 + j] = exp_diff(x[i0 + j], mx)
-
-
-cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
-                              double* part, floating* store) noexcept nogil:
-    """part[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j; every
-    exp is also stored in store[i] when store is not NULL."""
-    cdef Py_ssize_t g, j, ng = n // W
-    cdef Py_ssize_t gex = ex // W if ex >= 0 else ng
-    cdef floating e
-    if store == NULL:
-        for g in range(ng):
-            if g == gex:
-                group_sumexp(x, g * W, n, mx, ex, part, store)
-            else:
-                for j in range(W):
-                    part[j] += exp_diff(x[g * W + j], mx)
+    if floating is float:
+        for i in range(n):
+            c += cylsm_key32(x[i]) == k32
     else:
-        for g in range(ng):
-            if g == gex:
-                group_sumexp(x, g * W, n, mx, ex, part, store)
-            else:
-                for j in range(W):
-                    e = exp_diff(x[g * W + j], mx)
-                    store[g * W + j] = e
-                    part[j] += e
-    if n % W:
-        group_sumexp(x, ng * W, n, mx, ex, part, store)
+        for i in range(n):
+            c += cylsm_key64(x[i]) == k
+    return c
 
 
-cdef int64_t super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
-    """The largest key of x[0:n] (n <= SUPER); OUT best: the offset of the first block with it."""
-    cdef Py_ssize_t b = 0, bn
+cdef int64_t super_max(const floating* x, Py_ssize_t n, double* count) noexcept nogil:
+    """The largest key of x[0:n] (n <= SUPER), and in count the number of elements that have
+    it.  Block by block, so that the counting pass reads from L1.  (Counting along with the
+    maximum, in lanes, would be one pass, but the compiler does not vectorize that.)"""
+    cdef Py_ssize_t b = 0, bn, c = 0
     cdef int64_t mk = key(<floating>-INFINITY), bk
-    best[0] = 0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
         bk = block_max(x + b, bn)
-        if bk > mk:
+        if bk >= mk:
+            c = (c if bk == mk else 0) + count_key(x + b, bn, bk)
             mk = bk
-            best[0] = b
         b += BLOCK
+    count[0] = c
     return mk
 
 
-cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
-                      floating* store) noexcept nogil:
-    """sum of exp(x - mx) over x[0:n] (n <= SUPER) but x[ex] (ex = -1: none): lane sums within
-    blocks of BLOCK, the blocks added lane by lane with TwoSum.  The exps are also stored in
-    store[0:n] when store is not NULL."""
-    cdef double tot[W]
-    cdef double comp[W]
-    cdef double part[W]
-    cdef Py_ssize_t b = 0, bn, j
+cdef double count_zeros(const floating* x, Py_ssize_t n) noexcept nogil:
+    """The number of elements of x[0:n] equal to zero (of either sign)."""
+    cdef double c = 0.0
+    cdef Py_ssize_t i
+    for i in range(n):
+        c += x[i] == 0
+    return c
+
+
+cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx,
+                                floating* store) noexcept nogil:
+    """The sum of exp(x[i] - mx) over the i < n with x[i] != mx (those contribute exactly 1
+    each and are counted apart, so that the small terms are never rounded against them), in W
+    lanes.  Every exp is also stored in store[i] when store is not NULL.  The lane sums are a
+    local array, so they stay in registers (through a pointer they would make a round trip to
+    memory at every step)."""
+    cdef double acc[W]
+    cdef Py_ssize_t g, j, i, ng = n // W
+    cdef floating v, e
     cdef double t = 0.0
     for j in range(W):
-        tot[j] = 0.0
-        comp[j] = 0.0
+        acc[j] = 0.0
+    if store == NULL:
+        for g in range(ng):
+            for j in range(W):
+                v = x[g * W + j]
+                e = exp_diff(v, mx)
+                acc[j] = acc[j] if v == mx else acc[j] + e
+    else:
+        for g in range(ng):
+            for j in range(W):
+                v = x[g * W + j]
+                e = exp_diff(v, mx)
+                store[g * W + j] = e
+                acc[j] = acc[j] if v == mx else acc[j] + e
+    if n % W:           # the lanes past n read nothing (masked): no scalar tail loop
+        for j in range(W):
+            i = ng * W + j
+            v = x[i] if i < n else mx
+            e = exp_diff(v, mx)
+            acc[j] = acc[j] if v == mx else acc[j] + e
+        if store != NULL:
+            for i in range(ng * W, n):
+                store[i] = exp_diff(x[i], mx)
+    for j in range(W // 2):     # a fixed pairwise order
+        acc[j] += acc[j + W // 2]
+    for j in range(W // 4):
+        acc[j] += acc[j + W // 4]
+    for j in range(W // 4):
+        t += acc[j]
+    return t
+
+
+cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, floating* store) noexcept nogil:
+    """The sum of exp(x - mx) over the elements of x[0:n] (n <= SUPER) other than mx: lane
+    sums within blocks of BLOCK, the blocks added with TwoSum.  The exps are also stored in
+    store[0:n] when store is not NULL."""
+    cdef Py_ssize_t b = 0, bn
+    cdef double t = 0.0, c = 0.0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        for j in range(W):
-            part[j] = 0.0
-        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, part,
-                     NULL if store == NULL else store + b)
-        for j in range(W):
-            two_sum_add(&tot[j], &comp[j], part[j])
+        two_sum_add(&t, &c, block_sumexp(x + b, bn, mx, NULL if store == NULL else store + b))
         b += BLOCK
-    for j in range(W):
-        t += tot[j] + comp[j]
-    return t
+    return t + c
 
 
 cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:
@@ -405,75 +398,76 @@ cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:
 
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
                     int nt, floating* store) noexcept nogil:
-    """M: max of the row (NaN ignored); L = log1p(t), S = 1 + t with t the sum of exp(x - M)
-    over all elements but the first maximal one.  The row is cut into superblocks of SUPER
-    elements, each reduced by one thread (blocks of BLOCK summed in lanes, blocks added with
-    TwoSum), and the superblocks are combined in order, with TwoSum: long rows do not drift,
-    and the result is the same for any number of threads nt.  When store is not NULL and M is
-    finite, exp(x - M) is stored there (for softmax: no second exp)."""
-    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, ia, best = 0, best_k
+    """M: max of the row (NaN ignored); with t the sum of exp(x - M) over the elements other
+    than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t.
+    The row is cut into superblocks of SUPER elements, each reduced by one thread (blocks of
+    BLOCK summed in lanes, blocks added with TwoSum), and the superblocks are combined in
+    order, with TwoSum: long rows do not drift, and the result is the same for any number of
+    threads nt.  When store is not NULL and M is finite, exp(x - M) is stored there (for
+    softmax: no second exp)."""
+    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY), smax_k
     cdef floating mx
-    cdef double t = 0.0, c = 0.0
+    cdef double t = 0.0, c = 0.0, ones = 0.0, ones_k
     cdef int64_t* smax = NULL
-    cdef Py_ssize_t* sbest = NULL
-    cdef double* ssum = NULL
+    cdef double* sval = NULL                # per superblock: its count of maxima, then its sum
     cdef bint par = nt > 1 and ns > 1       # superblocks reduced in parallel, kept in scratch
     if par:
         smax = <int64_t*>malloc(ns * sizeof(int64_t))
-        sbest = <Py_ssize_t*>malloc(ns * sizeof(Py_ssize_t))
-        ssum = <double*>malloc(ns * sizeof(double))
-        par = smax != NULL and sbest != NULL and ssum != NULL   # else serial: same result
+        sval = <double*>malloc(ns * sizeof(double))
+        par = smax != NULL and sval != NULL     # else serial: same result
     if par:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-            smax[k] = super_max(x + k * SUPER, super_len(n, k), &sbest[k])
+            smax[k] = super_max(x + k * SUPER, super_len(n, k), &sval[k])
     for k in range(ns):
         if par:
             smax_k = smax[k]
-            best_k = sbest[k]
+            ones_k = sval[k]
         else:
-            smax_k = super_max(x + k * SUPER, super_len(n, k), &best_k)
+            smax_k = super_max(x + k * SUPER, super_len(n, k), &ones_k)
         if smax_k > mk:
             mk = smax_k
-            best = k * SUPER + best_k
+            ones = ones_k
+        elif smax_k == mk:
+            ones += ones_k
     mx = unkey(mk, &mx)
     M[0] = mx
     if not (-INFINITY < mx < INFINITY):
         L[0] = nonfinite_stats(x, n, 1, S)
     else:
-        ia = best + first_key(x + best, BLOCK if n - best > BLOCK else n - best, mk)
+        if mx == 0:         # the keys told +0 from -0; the sum leaves out both
+            ones = count_zeros(x, n)
         if par:
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-                ssum[k] = super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
+                sval[k] = super_sum(x + k * SUPER, super_len(n, k), mx,
                                     NULL if store == NULL else store + k * SUPER)
         for k in range(ns):
-            two_sum_add(&t, &c, ssum[k] if par else
-                        super_sum(x + k * SUPER, super_len(n, k), mx, ia - k * SUPER,
+            two_sum_add(&t, &c, sval[k] if par else
+                        super_sum(x + k * SUPER, super_len(n, k), mx,
                                   NULL if store == NULL else store + k * SUPER))
         t += c
-        L[0] = log1p(t)
-        S[0] = 1.0 + t
+        L[0] = log1p((ones - 1.0) + t)
+        S[0] = ones + t
     free(smax)
-    free(sbest)
-    free(ssum)
+    free(sval)
 
 
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                     double* M, double* L, double* S) noexcept nogil:
-    """M, L, S of w <= JB neighbouring columns of n elements, s apart."""
+    """M, L, S (see row_stats) of w <= JB neighbouring columns of n elements, s apart."""
     cdef floating m[JB]
-    cdef floating seen[JB]
     cdef double tot[JB]
     cdef double part[JB]
     cdef double comp[JB]
+    cdef double ones[JB]
     cdef Py_ssize_t j
-    panel_max(x, n, w, s, m)
-    panel_sumexp(x, n, w, s, m, tot, part, comp, seen)
+    panel_max(x, n, w, s, m, ones)
+    panel_sumexp(x, n, w, s, m, tot, part, comp)
     for j in range(w):
         M[j] = m[j]
         if -INFINITY < M[j] < INFINITY:
-            L[j] = log1p(tot[j])
-            S[j] = 1.0 + tot[j]
+            L[j] = log1p((ones[j] - 1.0) + tot[j])
+            S[j] = ones[j] + tot[j]
         else:
             L[j] = nonfinite_stats(x + j, n, s, &S[j])
 

@@ -113,6 +113,74 @@ static inline float cylsm_expf_lo(float x, float lo)
     return (y * s1.f) * s2.f;
 }
 
+/* exp(x + lo) for x <= 0 (or NaN), as cylsm_exp_lo / cylsm_expf_lo but cheaper: every exp of
+ * a shifted row, exp(x - max), has such an argument.
+ * - No clamp: k is computed from x as it is, and where k is so low that the result is 0 anyway
+ *   (x below about -1100, float: -130, and -inf) a final select gives 0.  That one select also
+ *   covers every garbage value those lanes carry (a NaN lo for x = -inf, an unrepresentable
+ *   2^k); a NaN x compares false and stays NaN.
+ * - 2^k is applied as one power of two that is always normal, 2^(k + BIAS), followed by the
+ *   constant 2^-BIAS: the first product is exact and the second rounds once, so subnormal
+ *   results are rounded correctly instead of being flushed. */
+static inline double cylsm_exp_nonpos(double x, double lo)
+{
+    const double shifter = 0x1.8p52;
+    const double log2e = 0x1.71547652b82fep0;
+    const double ln2_hi = 0x1.62e42feep-1;
+    const double ln2_lo = 0x1.a39ef35793c76p-33;
+
+    cylsm_bits kb, s1;
+    double kd = x * log2e + shifter;
+    kb.d = kd;
+    kd -= shifter;
+    double r = ((x - kd * ln2_hi) + lo) - kd * ln2_lo;
+    /* kb.u = 0x4338000000000000 + k (two's complement), so (kb.u << 52) + ((1023 + 600) << 52)
+     * is the bit pattern of 2^(k + 600), normal for -1622 <= k <= 0. */
+    s1.u = (kb.u << 52) + ((uint64_t)(1023 + 600) << 52);
+
+    double r2 = r * r;
+    double r4 = r2 * r2;
+    double r8 = r4 * r4;
+    double a0 = 0x1.0p-1 + r * 0x1.5555555555555p-3;
+    double a1 = 0x1.5555555555555p-5 + r * 0x1.1111111111111p-7;
+    double a2 = 0x1.6c16c16c16c17p-10 + r * 0x1.a01a01a01a01ap-13;
+    double a3 = 0x1.a01a01a01a01ap-16 + r * 0x1.71de3a556c734p-19;
+    double a4 = 0x1.27e4fb7789f5cp-22 + r * 0x1.ae64567f544e4p-26;
+    double a5 = 0x1.1eed8eff8d898p-29 + r * 0x1.6124613a86d09p-33;
+    double b0 = a0 + r2 * a1;
+    double b1 = a2 + r2 * a3;
+    double b2 = a4 + r2 * a5;
+    double q = (b0 + r4 * b1) + r8 * b2;
+    double y = 1.0 + (r + r2 * q);
+    double e = (y * s1.d) * 0x1p-600;
+    return kd < -1600.0 ? 0.0 : e;
+}
+
+static inline float cylsm_expf_nonpos(float x, float lo)
+{
+    const float shifter = 0x1.8p23f;
+    const float log2e = 0x1.715476p0f;
+    const float ln2_hi = 0x1.62e4p-1f;
+    const float ln2_lo = 0x1.7f7d1cp-20f;
+
+    cylsm_bits32 kb, s1;
+    float kd = x * log2e + shifter;
+    kb.f = kd;
+    kd -= shifter;
+    float r = ((x - kd * ln2_hi) + lo) - kd * ln2_lo;
+    s1.u = (kb.u << 23) + ((uint32_t)(127 + 64) << 23);   /* 2^(k + 64), normal for k >= -190 */
+
+    float r2 = r * r;
+    float r4 = r2 * r2;
+    float a0 = 0x1.0p-1f + r * 0x1.555556p-3f;
+    float a1 = 0x1.555556p-5f + r * 0x1.111112p-7f;
+    float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f;
+    float q = (a0 + r2 * a1) + r4 * a2;
+    float y = 1.0f + (r + r2 * q);
+    float e = (y * s1.f) * 0x1p-64f;
+    return kd < -188.0f ? 0.0f : e;
+}
+
 static inline float cylsm_two_difff(float a, float b, float *lo)
 {
     float s = a - b;
