@@ -41,6 +41,7 @@ cdef extern from "cylsm_exp.h" nogil:
     int32_t cylsm_key32(float x) noexcept
     float cylsm_unkey32(int32_t k) noexcept
     int64_t cylsm_key64(double x) noexcept
+    double cylsm_log1p(double t) noexcept
     double cylsm_unkey64(int64_t k) noexcept
 
 ctypedef fused floating:
@@ -463,12 +464,21 @@ cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
     cdef Py_ssize_t j
     panel_max(x, n, w, s, m, ones)
     panel_sumexp(x, n, w, s, m, tot, part, comp)
+    finish_stats(x, n, w, s, m, ones, tot, M, L, S)
+
+
+cdef inline void finish_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                              const floating* m, const double* ones, const double* tot,
+                              double* M, double* L, double* S) noexcept nogil:
+    """M, L, S of w columns from their maxima m, counts of maxima and sums of the rest; the
+    logs of all columns at once (vectorized), the non-finite columns then fixed one by one."""
+    cdef Py_ssize_t j
     for j in range(w):
         M[j] = m[j]
-        if -INFINITY < M[j] < INFINITY:
-            L[j] = log1p((ones[j] - 1.0) + tot[j])
-            S[j] = ones[j] + tot[j]
-        else:
+        L[j] = cylsm_log1p((ones[j] - 1.0) + tot[j])
+        S[j] = ones[j] + tot[j]
+    for j in range(w):
+        if not (-INFINITY < M[j] < INFINITY):
             L[j] = nonfinite_stats(x + j, n, s, &S[j])
 
 
@@ -485,6 +495,16 @@ cdef enum:
     OP_SOFTMAX_BACKWARD       # out = q * (g - sum(g * q))
 
 
+cdef inline floating normalize(floating e, double S, double R) noexcept nogil:
+    """e / S in the data type.  float32 data multiplies by R = 1/S in double: the product is
+    within 2^-52 of the quotient, far below float32's rounding, and a division costs several
+    times more.  float64 data divides."""
+    if floating is float:
+        return <float>(e * R)
+    else:
+        return e / S
+
+
 cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     Py_ssize_t n, int nt) noexcept nogil:
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
@@ -496,12 +516,68 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL)
     if keep and -INFINITY < M < INFINITY:
         for k in range(n):
-            out[k] = <floating>(out[k] / S)
+            out[k] = normalize(out[k], S, 1.0 / S)
     elif op == OP_LOGSUMEXP or nt == 1 or ns == 1:
         row_output(op, x, g, out, n, M, L, S)
     else:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
             row_output(op, x + k * SUPER, g, out + k * SUPER, super_len(n, k), M, L, S)
+
+
+cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
+    """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT), with the width
+    fixed at TILE so that the lanes stay in registers."""
+    cdef floating m[TILE]
+    cdef double ones[TILE]
+    cdef double part[TILE]
+    cdef double tot[TILE]
+    cdef double comp[TILE]
+    cdef Py_ssize_t k, k0, k1, j
+    cdef floating v
+    cdef int32_t m32[TILE]
+    cdef int64_t m64[TILE]
+    cdef int32_t k32
+    cdef int64_t k64
+    for j in range(TILE):
+        m32[j] = cylsm_key32(-INFINITY)
+        m64[j] = cylsm_key64(-INFINITY)
+        ones[j] = 0.0
+        tot[j] = 0.0
+        comp[j] = 0.0
+    # the maxima over integer keys, which vectorize (see block_max); the counts and sums then
+    # compare as floats, so +0 and -0 are both counted and both left out of the sums
+    if floating is float:
+        for k in range(n):
+            for j in range(TILE):
+                k32 = cylsm_key32(T[k * TILE + j])
+                m32[j] = k32 if k32 > m32[j] else m32[j]
+        for j in range(TILE):
+            m[j] = cylsm_unkey32(m32[j])
+    else:
+        for k in range(n):
+            for j in range(TILE):
+                k64 = cylsm_key64(T[k * TILE + j])
+                m64[j] = k64 if k64 > m64[j] else m64[j]
+        for j in range(TILE):
+            m[j] = cylsm_unkey64(m64[j])
+    for k in range(n):
+        for j in range(TILE):
+            ones[j] += T[k * TILE + j] == m[j]
+    k0 = 0
+    while k0 < n:
+        k1 = k0 + KC if k0 + KC < n else n
+        for j in range(TILE):
+            part[j] = 0.0
+        for k in range(k0, k1):
+            for j in range(TILE):
+                v = T[k * TILE + j]
+                part[j] = part[j] if v == m[j] else part[j] + exp_diff(v, m[j])
+        for j in range(TILE):
+            two_sum_add(&tot[j], &comp[j], part[j])
+        k0 = k1
+    for j in range(TILE):
+        tot[j] += comp[j]
+    finish_stats(T, n, TILE, TILE, m, ones, tot, M, L, S)
 
 
 cdef void stats_short_rows(int op, const floating* x, const floating* g, floating* out,
@@ -515,13 +591,10 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     cdef double L[TILE]
     cdef double S[TILE]
     cdef Py_ssize_t r, k
-    cdef Py_ssize_t start[TILE]
-    for r in range(TILE):           # a short last tile repeats its last row (a constant-height
-        start[r] = (r if r < R else R - 1) * n      # transpose vectorizes as gathers)
-    for k in range(n):
-        for r in range(TILE):
-            T[k * TILE + r] = x[start[r] + k]
-    col_stats(T, n, R, TILE, M, L, S)
+    for k in range(n):              # a short last tile repeats its last row (a constant-height
+        for r in range(TILE):       # transpose vectorizes as gathers)
+            T[k * TILE + r] = x[(r if r < R else R - 1) * n + k]
+    tile_stats(T, n, M, L, S)
     for r in range(R):
         row_output(op, x + r * n, g + r if op == OP_LOGSUMEXP_BACKWARD else g,
                    out + r if op == OP_LOGSUMEXP else out + r * n, n, M[r], L[r], S[r])
@@ -530,14 +603,14 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
                             Py_ssize_t n, double M, double L, double S) noexcept nogil:
     """The output of op for a row of n whose statistics are M, L, S."""
-    cdef double gr
+    cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:
         for i in range(n):
-            out[i] = <floating>(exp_diff(x[i], <floating>M) / S)
+            out[i] = normalize(exp_diff(x[i], <floating>M), S, R)
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     else:
@@ -563,11 +636,14 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
     cdef Py_ssize_t i, j
     cdef const floating* xr
     cdef floating* orow
+    cdef double R[JB]
     col_stats(x, n, w, s, M, L, S)
     if op == OP_LOGSUMEXP:
         for j in range(w):
             out[j] = <floating>(M[j] + L[j])
         return
+    for j in range(w):
+        R[j] = 1.0 / S[j]
     if op == OP_LOGSUMEXP_BACKWARD:
         for j in range(w):
             S[j] = g[j]             # S now holds the upstream gradient (times exp(-L): float)
@@ -584,7 +660,7 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
         elif op == OP_SOFTMAX:
             for j in range(w):
-                orow[j] = <floating>(exp_diff(xr[j], <floating>M[j]) / S[j])
+                orow[j] = normalize(exp_diff(xr[j], <floating>M[j]), S[j], R[j])
         elif floating is float:     # S[j] holds grad * exp(-L), see above
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff(xr[j], <floating>M[j]))
