@@ -95,6 +95,7 @@ cdef enum:
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
     KEEP_BYTES = 262144   # softmax rows up to this size keep their exps (they stay in cache)
+    AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
@@ -105,6 +106,8 @@ cdef enum:
 cdef extern from "cylsm_cpu.h":
     int cylsm_cpu_level() noexcept
     const char* CYLSM_BUILD_FLAGS
+    void cylsm_prefetch(const void* p) noexcept nogil
+    void cylsm_prefetchw(const void* p) noexcept nogil
 
 
 def cpu_level():
@@ -297,52 +300,46 @@ cdef inline int64_t block_max(const floating* x, Py_ssize_t n) noexcept nogil:
         return m64
 
 
-cdef inline Py_ssize_t count_key(const floating* x, Py_ssize_t n, int64_t k) noexcept nogil:
-    """The number of elements of x[0:n] whose key is k."""
+cdef inline Py_ssize_t count_equal(const floating* x, Py_ssize_t n, floating v) noexcept nogil:
+    """The number of elements of x[0:n] equal to v (+0 and -0 are equal, as in the sums)."""
     cdef Py_ssize_t i, c = 0
-    cdef int32_t k32 = <int32_t>k
-    if floating is float:
-        for i in range(n):
-            c += cylsm_key32(x[i]) == k32
-    else:
-        for i in range(n):
-            c += cylsm_key64(x[i]) == k
+    for i in range(n):
+        c += x[i] == v
     return c
 
 
-cdef int64_t super_max(const floating* x, Py_ssize_t n, double* count) noexcept nogil:
-    """The largest key of x[0:n] (n <= SUPER), and in count the number of elements that have
-    it.  Block by block, so that the counting pass reads from L1.  (Counting along with the
-    maximum, in lanes, would be one pass, but the compiler does not vectorize that.)"""
+cdef floating super_max(const floating* x, Py_ssize_t n, double* count) noexcept nogil:
+    """The maximum of x[0:n] (n <= SUPER; see block_max for NaN), and in count the number of
+    elements equal to it.  Block by block, so that the counting pass reads from L1.  (Counting
+    along with the maximum, in lanes, would be one pass, but the compiler does not vectorize
+    that.)"""
     cdef Py_ssize_t b = 0, bn, c = 0
     cdef int64_t mk = key(<floating>-INFINITY), bk
+    cdef floating m = -INFINITY, bm
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
         bk = block_max(x + b, bn)
-        if bk >= mk:
-            c = (c if bk == mk else 0) + count_key(x + b, bn, bk)
-            mk = bk
+        bm = unkey(bk, &bm)
+        if bm == m:
+            c += count_equal(x + b, bn, bm)
+        elif bk > mk:
+            c = count_equal(x + b, bn, bm)
+        mk = bk if bk > mk else mk
+        m = unkey(mk, &m)
         b += BLOCK
     count[0] = c
-    return mk
+    return m
 
 
-cdef double count_zeros(const floating* x, Py_ssize_t n) noexcept nogil:
-    """The number of elements of x[0:n] equal to zero (of either sign)."""
-    cdef double c = 0.0
-    cdef Py_ssize_t i
-    for i in range(n):
-        c += x[i] == 0
-    return c
-
-
-cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx,
-                                floating* store) noexcept nogil:
+cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, floating* store,
+                                const floating* ahead, const floating* ahead_w) noexcept nogil:
     """The sum of exp(x[i] - mx) over the i < n with x[i] != mx (those contribute exactly 1
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes.  Every exp is also stored in store[i] when store is not NULL.  The lane sums are a
     local array, so they stay in registers (through a pointer they would make a round trip to
-    memory at every step)."""
+    memory at every step).  Where not NULL, ahead[0:n] is prefetched for reading and
+    ahead_w[0:n] for writing along the way: the memory traffic of the next row overlaps the
+    arithmetic of this one."""
     cdef double acc[W]
     cdef Py_ssize_t g, j, i, ng = n // W
     cdef floating v, e
@@ -351,12 +348,16 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx,
         acc[j] = 0.0
     if store == NULL:
         for g in range(ng):
+            if ahead != NULL:
+                prefetch_group(ahead + g * W, ahead_w + g * W)
             for j in range(W):
                 v = x[g * W + j]
                 e = exp_diff(v, mx)
                 acc[j] = acc[j] if v == mx else acc[j] + e
     else:
         for g in range(ng):
+            if ahead != NULL:
+                prefetch_group(ahead + g * W, NULL)
             for j in range(W):
                 v = x[g * W + j]
                 e = exp_diff(v, mx)
@@ -380,15 +381,30 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx,
     return t
 
 
-cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, floating* store) noexcept nogil:
+cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
+    """Prefetch the W elements at r (for reading) and at w (for writing, unless NULL): one or
+    two cache lines each."""
+    cylsm_prefetch(r)
+    if sizeof(floating) * W > 64:
+        cylsm_prefetch(r + W // 2)
+    if w != NULL:
+        cylsm_prefetchw(w)
+        if sizeof(floating) * W > 64:
+            cylsm_prefetchw(w + W // 2)
+
+
+cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, floating* store,
+                      const floating* ahead, const floating* ahead_w) noexcept nogil:
     """The sum of exp(x - mx) over the elements of x[0:n] (n <= SUPER) other than mx: lane
     sums within blocks of BLOCK, the blocks added with TwoSum.  The exps are also stored in
-    store[0:n] when store is not NULL."""
+    store[0:n] when store is not NULL; ahead, ahead_w: see block_sumexp."""
     cdef Py_ssize_t b = 0, bn
     cdef double t = 0.0, c = 0.0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        two_sum_add(&t, &c, block_sumexp(x + b, bn, mx, NULL if store == NULL else store + b))
+        two_sum_add(&t, &c, block_sumexp(x + b, bn, mx, NULL if store == NULL else store + b,
+                                         <const floating*>NULL if ahead == NULL else ahead + b,
+                                         <const floating*>NULL if ahead_w == NULL else ahead_w + b))
         b += BLOCK
     return t + c
 
@@ -397,60 +413,88 @@ cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:
     return SUPER if n - k * SUPER > SUPER else n - k * SUPER
 
 
+cdef double super_stats(const floating* x, Py_ssize_t n, double* m, double* count,
+                        floating* store, const floating* ahead,
+                        const floating* ahead_w) noexcept nogil:
+    """Statistics of x[0:n] (n <= SUPER) in one read from memory (the sum pass finds the
+    superblock in cache): OUT m: its maximum; OUT count: the number of elements equal to it;
+    returns the sum of exp(x - m) over the others (0 if m is infinite, NaN if it is NaN).
+    store, ahead, ahead_w: see super_sum."""
+    cdef floating mx = super_max(x, n, count)
+    m[0] = mx
+    if -INFINITY < mx < INFINITY:
+        return super_sum(x, n, mx, store, ahead, ahead_w)
+    return mx if mx != mx else 0.0
+
+
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
-                    int nt, floating* store) noexcept nogil:
+                    int nt, floating* store, const floating* ahead,
+                    const floating* ahead_w) noexcept nogil:
     """M: max of the row (NaN ignored); with t the sum of exp(x - M) over the elements other
     than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t.
-    The row is cut into superblocks of SUPER elements, each reduced by one thread (blocks of
-    BLOCK summed in lanes, blocks added with TwoSum), and the superblocks are combined in
-    order, with TwoSum: long rows do not drift, and the result is the same for any number of
-    threads nt.  When store is not NULL and M is finite, exp(x - M) is stored there (for
-    softmax: no second exp)."""
+    The row is cut into superblocks of SUPER elements, each reduced by one thread to its own
+    maximum m, count and sum (one pass over memory: blocks of BLOCK summed in lanes, blocks
+    added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
+    m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
+    for any number of threads nt.  When store is not NULL (a row of one superblock) and M is
+    finite, exp(x - M) is stored there (for softmax: no second exp).  ahead, ahead_w (or
+    NULL): rows of n to prefetch (block_sumexp)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
-    cdef int64_t mk = key(<floating>-INFINITY), smax_k
+    cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
-    cdef double t = 0.0, c = 0.0, ones = 0.0, ones_k
-    cdef int64_t* smax = NULL
-    cdef double* sval = NULL                # per superblock: its count of maxima, then its sum
+    cdef double t = 0.0, c = 0.0, ones = 0.0, m_k, ones_k, sum_k
+    cdef double one[3]
+    cdef double* sval = one                 # per superblock: max, count, sum
     cdef bint par = nt > 1 and ns > 1       # superblocks reduced in parallel, kept in scratch
-    if par:
-        smax = <int64_t*>malloc(ns * sizeof(int64_t))
-        sval = <double*>malloc(ns * sizeof(double))
-        par = smax != NULL and sval != NULL     # else serial: same result
-    if par:
-        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-            smax[k] = super_max(x + k * SUPER, super_len(n, k), &sval[k])
-    for k in range(ns):
+    if ns > 1:
+        sval = <double*>malloc(3 * ns * sizeof(double))
+        if sval == NULL:                    # the same result, one superblock at a time
+            par = False
+    if sval != NULL and ns > 1 or ns == 1:
         if par:
-            smax_k = smax[k]
-            ones_k = sval[k]
+            for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+                sval[3 * k + 2] = super_stats(x + k * SUPER, super_len(n, k), &sval[3 * k],
+                                              &sval[3 * k + 1], <floating*>NULL,
+                                              <const floating*>NULL, <const floating*>NULL)
         else:
-            smax_k = super_max(x + k * SUPER, super_len(n, k), &ones_k)
-        if smax_k > mk:
-            mk = smax_k
-            ones = ones_k
-        elif smax_k == mk:
-            ones += ones_k
+            for k in range(ns):
+                sval[3 * k + 2] = super_stats(
+                    x + k * SUPER, super_len(n, k), &sval[3 * k], &sval[3 * k + 1],
+                    <floating*>NULL if store == NULL else store + k * SUPER,
+                    <const floating*>NULL if ahead == NULL else ahead + k * SUPER,
+                    <const floating*>NULL if ahead_w == NULL else ahead_w + k * SUPER)
+        for k in range(ns):
+            mk = max_key(mk, key(<floating>sval[3 * k]))
+    else:
+        for k in range(ns):     # no scratch (out of memory): a second pass, same result
+            mk = max_key(mk, key(super_max(x + k * SUPER, super_len(n, k), &ones_k)))
     mx = unkey(mk, &mx)
     M[0] = mx
     if not (-INFINITY < mx < INFINITY):
         L[0] = nonfinite_stats(x, n, 1, S)
     else:
-        if mx == 0:         # the keys told +0 from -0; the sum leaves out both
-            ones = count_zeros(x, n)
-        if par:
-            for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-                sval[k] = super_sum(x + k * SUPER, super_len(n, k), mx,
-                                    NULL if store == NULL else store + k * SUPER)
         for k in range(ns):
-            two_sum_add(&t, &c, sval[k] if par else
-                        super_sum(x + k * SUPER, super_len(n, k), mx,
-                                  NULL if store == NULL else store + k * SUPER))
+            if sval != NULL:
+                m_k = sval[3 * k]
+                ones_k = sval[3 * k + 1]
+                sum_k = sval[3 * k + 2]
+            else:
+                sum_k = super_stats(x + k * SUPER, super_len(n, k), &m_k, &ones_k,
+                                    <floating*>NULL, <const floating*>NULL, <const floating*>NULL)
+            if m_k == mx:
+                ones += ones_k
+                two_sum_add(&t, &c, sum_k)
+            else:               # m_k < mx: exp(m_k - mx) is 0 for -inf, NaN stays NaN
+                two_sum_add(&t, &c, (ones_k + sum_k) * exp_diff[double](m_k, mx))
         t += c
         L[0] = log1p((ones - 1.0) + t)
         S[0] = ones + t
-    free(smax)
-    free(sval)
+    if ns > 1:
+        free(sval)
+
+
+cdef inline int64_t max_key(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
 
 
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
@@ -513,7 +557,14 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
     # softmax of a row that stays in cache: keep the exps of the sum pass in out
     cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES
-    row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL)
+    # a row that fits in cache fetches the next row (rows are contiguous), and the output it
+    # writes next: its own, or with keep the next row's (its own is written right away)
+    cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
+    cdef const floating* ahead_w = NULL
+    if ahead and op != OP_LOGSUMEXP:
+        ahead_w = out + n if keep else out
+    row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL,
+              x + n if ahead else <const floating*>NULL, ahead_w)
     if keep and -INFINITY < M < INFINITY:
         for k in range(n):
             out[k] = normalize(out[k], S, 1.0 / S)

@@ -11,6 +11,21 @@
 #define CYLSM_BUILD_FLAGS ""
 #endif
 
+/* Prefetch hints (no effect on results; never fault, even past the end of an array):
+ * cylsm_prefetch brings the line at p into the cache for reading, cylsm_prefetchw for
+ * writing.  Compilers without them get no-ops. */
+#if defined(__GNUC__) || defined(__clang__)
+#define cylsm_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define cylsm_prefetchw(p) __builtin_prefetch((const void *)(p), 1, 3)
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_AMD64))
+#include <xmmintrin.h>
+#define cylsm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define cylsm_prefetchw(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#else
+#define cylsm_prefetch(p) ((void)(p))
+#define cylsm_prefetchw(p) ((void)(p))
+#endif
+
 #if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_AMD64))
 #include <intrin.h>
 #include <immintrin.h>
