@@ -636,6 +636,10 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
     array([0.5, 0.5])
     """
+    if (axis is None or axis == -1) and not keepdims and b is None and where is None:
+        result = _fast("logsumexp_backward", x, all_axes=axis is None, out=out, g=grad)
+        if result is not None:
+            return result
     fname = "logsumexp_backward"
     xa = _array(x, fname, "x")
     g = _array(grad, fname, "grad")

@@ -22,8 +22,8 @@ import numpy as np
 NAME = "python"
 
 
-OPS = {"log_softmax": 0, "softmax": 1, "logsumexp": 2, "log_softmax_backward": 4,
-       "softmax_backward": 5}
+OPS = {"log_softmax": 0, "softmax": 1, "logsumexp": 2, "logsumexp_backward": 3,
+       "log_softmax_backward": 4, "softmax_backward": 5}
 
 
 def fast(op: int, x: np.ndarray, all_axes: bool = False, out: np.ndarray | None = None,

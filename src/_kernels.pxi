@@ -840,7 +840,8 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
 # last axis (log_softmax, softmax, logsumexp) or over all of it (logsumexp).
 
 OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOGSUMEXP,
-       "log_softmax_backward": OP_LOG_SOFTMAX_BACKWARD, "softmax_backward": OP_SOFTMAX_BACKWARD}
+       "log_softmax_backward": OP_LOG_SOFTMAX_BACKWARD, "softmax_backward": OP_SOFTMAX_BACKWARD,
+       "logsumexp_backward": OP_LOGSUMEXP_BACKWARD}
 _empty = numpy.empty
 _empty_like = numpy.empty_like
 
@@ -858,22 +859,40 @@ cdef bint same_layout(Py_buffer* a, Py_buffer* b) noexcept:
 
 cdef bint overlap(Py_buffer* a, Py_buffer* b) noexcept:
     """Do the two buffers overlap without starting at the same address?"""
-    return a.buf != b.buf and (<char*>a.buf < <char*>b.buf + b.len and
-                               <char*>b.buf < <char*>a.buf + a.len)
+    return a.buf != b.buf and touch(a, b)
+
+
+cdef bint touch(Py_buffer* a, Py_buffer* b) noexcept:
+    """Do the two buffers share any byte?"""
+    return <char*>a.buf < <char*>b.buf + b.len and <char*>b.buf < <char*>a.buf + a.len
+
+
+cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes) noexcept:
+    """Is r shaped (and typed) as x reduced over its last axis, or over all of it?"""
+    cdef Py_ssize_t i
+    if r.format[0] != x.format[0] or r.format[1] != 0 or r.ndim != (0 if all_axes else x.ndim - 1):
+        return False
+    for i in range(r.ndim):
+        if r.shape[i] != x.shape[i]:
+            return False
+    return True
 
 
 def fast(int op, x, bint all_axes=False, out=None, g=None):
     """op (a value of OPS) of ``x``, a C-contiguous array, into ``out`` (None: a new array; else
-    a C-contiguous writable array).  For the backward ops x is the forward output (y or p) and
-    g the upstream gradient (C-contiguous).  Returns None when the shortcut does not apply:
-    x not a native float32/float64 buffer with at least one element, g or out not of x's exact
-    shape and format, or out overlapping an input without being it (the caller then takes the
-    general path, which handles all of these)."""
+    a C-contiguous writable array).  For the log_softmax/softmax backward ops x is the forward
+    output (y or p) and g the upstream gradient, of x's shape; for logsumexp_backward x is the
+    forward input and g has the shape of the logsumexp (all_axes: of x reduced over all of it).
+    Returns None when the shortcut does not apply: x not a native float32/float64 buffer with
+    at least one element, g or out not of the expected shape and format, or out overlapping an
+    input without being it (the caller then takes the general path, which handles all of
+    these)."""
     cdef Py_buffer bx, bo, bg
-    cdef Py_ssize_t n, rows, i
+    cdef Py_ssize_t n, rows
     cdef char kind
     cdef bint ok
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    cdef bint lse_backward = op == OP_LOGSUMEXP_BACKWARD
     cdef bint have_g = False
     PyObject_GetBuffer(x, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
     bg.buf = NULL
@@ -881,10 +900,10 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
         if bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d"):
             return None
-        if backward:
+        if backward or lse_backward:
             PyObject_GetBuffer(g, &bg, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
             have_g = True
-            if not same_layout(&bx, &bg):
+            if not (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes)):
                 return None
         n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
@@ -897,14 +916,11 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
         try:
             if out is not None:
                 if op == OP_LOGSUMEXP:
-                    ok = bo.format[0] == kind and bo.format[1] == 0 and (
-                        bo.ndim == (0 if all_axes else bx.ndim - 1))
-                    for i in range(bo.ndim if ok else 0):
-                        ok = ok and bo.shape[i] == bx.shape[i]
-                    ok = ok and bo.buf != bx.buf and not overlap(&bo, &bx)
+                    ok = reduces(&bo, &bx, all_axes) and not touch(&bo, &bx)
                 else:
                     ok = same_layout(&bx, &bo) and not overlap(&bo, &bx)
                     ok = ok and not (backward and overlap(&bo, &bg))
+                    ok = ok and not (lse_backward and touch(&bo, &bg))
                 if not ok:          # the general path validates, and copies on overlap
                     return None
             with nogil:

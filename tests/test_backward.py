@@ -422,6 +422,16 @@ def test_backward_out_partial_overlap(lsm):
     expect = lsm.logsumexp_backward(gl, x.copy(), axis=1)
     assert lsm.logsumexp_backward(gl, x, axis=1, out=x) is x
     assert_ulp_close(x, expect, np.float64, 2)
+    # ... and writing over its upstream gradient (the buffers start at the same address, or
+    # not): the rows read late must still see the gradient as given
+    x = data((5, 8), seed=35)
+    for start in (0, 3):
+        buf = data((48,), seed=36)
+        gl = buf[start:start + 5]
+        expect = lsm.logsumexp_backward(gl.copy(), x, axis=-1)
+        out = buf[:40].reshape(5, 8)
+        assert lsm.logsumexp_backward(gl, x, axis=-1, out=out) is out
+        assert_ulp_close(out, expect, np.float64, 2)
 
 
 def test_backward_array_likes(lsm):
