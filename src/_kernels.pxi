@@ -32,9 +32,9 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTI
 import numpy
 
 cdef extern from "cylsm_exp.h" nogil:
-    double cylsm_exp_lo(double x, double lo) noexcept
+    double cylsm_exp(double x) noexcept
     double cylsm_two_diff(double a, double b, double* lo) noexcept
-    float cylsm_expf_lo(float x, float lo) noexcept
+    float cylsm_expf(float x) noexcept
     double cylsm_exp_nonpos(double x, double lo) noexcept
     float cylsm_expf_nonpos(float x, float lo) noexcept
     float cylsm_two_difff(float a, float b, float* lo) noexcept
@@ -65,9 +65,9 @@ cdef inline floating exp_diff(floating a, floating b) noexcept nogil:
 cdef inline floating exp_t(floating a) noexcept nogil:
     """exp(a) in the precision of the data."""
     if floating is float:
-        return cylsm_expf_lo(a, 0.0)
+        return cylsm_expf(a)
     else:
-        return cylsm_exp_lo(a, 0.0)
+        return cylsm_exp(a)
 
 
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
@@ -337,9 +337,10 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes.  Every exp is also stored in store[i] when store is not NULL.  The lane sums are a
     local array, so they stay in registers (through a pointer they would make a round trip to
-    memory at every step).  Where not NULL, ahead[0:n] is prefetched for reading and
-    ahead_w[0:n] for writing along the way: the memory traffic of the next row overlaps the
-    arithmetic of this one."""
+    memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
+    along the way, so that the memory traffic of the next row overlaps the arithmetic of this
+    one (callers with nothing to fetch point them at the data that follows x: a condition in
+    the loop would keep the compiler from vectorizing it)."""
     cdef double acc[W]
     cdef Py_ssize_t g, j, i, ng = n // W
     cdef floating v, e
@@ -348,16 +349,14 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
         acc[j] = 0.0
     if store == NULL:
         for g in range(ng):
-            if ahead != NULL:
-                prefetch_group(ahead + g * W, ahead_w + g * W)
+            prefetch_group(ahead + g * W, ahead_w + g * W)
             for j in range(W):
                 v = x[g * W + j]
                 e = exp_diff(v, mx)
                 acc[j] = acc[j] if v == mx else acc[j] + e
     else:
         for g in range(ng):
-            if ahead != NULL:
-                prefetch_group(ahead + g * W, NULL)
+            prefetch_group(ahead + g * W, ahead_w + g * W)
             for j in range(W):
                 v = x[g * W + j]
                 e = exp_diff(v, mx)
@@ -382,15 +381,13 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
-    """Prefetch the W elements at r (for reading) and at w (for writing, unless NULL): one or
-    two cache lines each."""
+    """Prefetch the W elements at r for reading and at w for writing: one or two cache lines
+    each.  Prefetches never fault, so r and w may point past the end of an array."""
     cylsm_prefetch(r)
+    cylsm_prefetchw(w)
     if sizeof(floating) * W > 64:
         cylsm_prefetch(r + W // 2)
-    if w != NULL:
-        cylsm_prefetchw(w)
-        if sizeof(floating) * W > 64:
-            cylsm_prefetchw(w + W // 2)
+        cylsm_prefetchw(w + W // 2)
 
 
 cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, floating* store,
@@ -403,8 +400,7 @@ cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, floating* st
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
         two_sum_add(&t, &c, block_sumexp(x + b, bn, mx, NULL if store == NULL else store + b,
-                                         <const floating*>NULL if ahead == NULL else ahead + b,
-                                         <const floating*>NULL if ahead_w == NULL else ahead_w + b))
+                                         ahead + b, ahead_w + b))
         b += BLOCK
     return t + c
 
@@ -437,8 +433,8 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
     m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
     for any number of threads nt.  When store is not NULL (a row of one superblock) and M is
-    finite, exp(x - M) is stored there (for softmax: no second exp).  ahead, ahead_w (or
-    NULL): rows of n to prefetch (block_sumexp)."""
+    finite, exp(x - M) is stored there (for softmax: no second exp).  ahead, ahead_w: rows of
+    n to prefetch (block_sumexp)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
@@ -455,14 +451,13 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
                 sval[3 * k + 2] = super_stats(x + k * SUPER, super_len(n, k), &sval[3 * k],
                                               &sval[3 * k + 1], <floating*>NULL,
-                                              <const floating*>NULL, <const floating*>NULL)
+                                              x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
         else:
             for k in range(ns):
                 sval[3 * k + 2] = super_stats(
                     x + k * SUPER, super_len(n, k), &sval[3 * k], &sval[3 * k + 1],
                     <floating*>NULL if store == NULL else store + k * SUPER,
-                    <const floating*>NULL if ahead == NULL else ahead + k * SUPER,
-                    <const floating*>NULL if ahead_w == NULL else ahead_w + k * SUPER)
+                    ahead + k * SUPER, ahead_w + k * SUPER)
         for k in range(ns):
             mk = max_key(mk, key(<floating>sval[3 * k]))
     else:
@@ -480,7 +475,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
                 sum_k = sval[3 * k + 2]
             else:
                 sum_k = super_stats(x + k * SUPER, super_len(n, k), &m_k, &ones_k,
-                                    <floating*>NULL, <const floating*>NULL, <const floating*>NULL)
+                                    <floating*>NULL, x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
             if m_k == mx:
                 ones += ones_k
                 two_sum_add(&t, &c, sum_k)
@@ -560,11 +555,11 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     # a row that fits in cache fetches the next row (rows are contiguous), and the output it
     # writes next: its own, or with keep the next row's (its own is written right away)
     cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
-    cdef const floating* ahead_w = NULL
+    cdef const floating* ahead_w = x + BLOCK
     if ahead and op != OP_LOGSUMEXP:
         ahead_w = out + n if keep else out
     row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL,
-              x + n if ahead else <const floating*>NULL, ahead_w)
+              x + n if ahead else x + BLOCK, ahead_w)
     if keep and -INFINITY < M < INFINITY:
         for k in range(n):
             out[k] = normalize(out[k], S, 1.0 / S)
@@ -670,7 +665,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             gr = 0.0
             M = 0.0
         if floating is float:   # exp(x - M) in float (exact difference), exp(-L) once in double
-            gr = gr * cylsm_exp_lo(-L, 0.0)
+            gr = gr * cylsm_exp(-L)
             for i in range(n):
                 out[i] = <floating>(gr * exp_diff(x[i], <floating>M))
         else:
@@ -702,7 +697,7 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 S[j] = 0.0
                 M[j] = 0.0
             if floating is float:
-                S[j] = S[j] * cylsm_exp_lo(-L[j], 0.0)
+                S[j] = S[j] * cylsm_exp(-L[j])
     for i in range(n):
         xr = x + i * s
         orow = out + i * s
@@ -720,32 +715,69 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
 
 
-cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
-    """sum of g (times q when q is not NULL) over a row, in lanes with compensated blocks."""
-    cdef double tot[W]
-    cdef double part[W]
-    cdef double comp[W]
-    cdef Py_ssize_t K = n // W
-    cdef Py_ssize_t i, j
+cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n,
+                             const floating* ahead1, const floating* ahead2,
+                             const floating* ahead_w) noexcept nogil:
+    """The sum of g[0:n] (times q when q is not NULL) in W lanes held in registers; ahead1 and
+    ahead2 [0:n] are prefetched for reading and ahead_w for writing along the way (see
+    block_sumexp)."""
+    cdef double acc[W]
+    cdef Py_ssize_t b, j, i, nb = n // W
     cdef double t = 0.0
-    panel_sum(g, q, K, W, W, tot, part, comp)
     for j in range(W):
-        t += tot[j]
-    for i in range(K * W, n):
+        acc[j] = 0.0
+    for b in range(nb):     # all the prefetches first: with them in the summing loop, the
+        prefetch_group(ahead1 + b * W, ahead_w + b * W)     # compiler does not vectorize it
+        prefetch_group(ahead2 + b * W, ahead2 + b * W)
+    if q == NULL:
+        for b in range(nb):
+            for j in range(W):
+                acc[j] += g[b * W + j]
+    else:
+        for b in range(nb):
+            for j in range(W):
+                acc[j] += <double>g[b * W + j] * <double>q[b * W + j]
+    for j in range(W // 2):     # a fixed pairwise order
+        acc[j] += acc[j + W // 2]
+    for j in range(W // 4):
+        acc[j] += acc[j + W // 4]
+    for j in range(W // 4):
+        t += acc[j]
+    for i in range(nb * W, n):
         t += g[i] if q == NULL else <double>g[i] * <double>q[i]
     return t
 
 
+cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, const floating* ahead1,
+                    const floating* ahead2, const floating* ahead_w) noexcept nogil:
+    """The sum of g (times q when q is not NULL) over a row: blocks of BLOCK summed in lanes,
+    the blocks added with TwoSum.  ahead1, ahead2, ahead_w: rows of n to prefetch."""
+    cdef Py_ssize_t b = 0, bn
+    cdef double t = 0.0, c = 0.0
+    while b < n:
+        bn = BLOCK if n - b > BLOCK else n - b
+        two_sum_add(&t, &c, block_sum(g + b, <const floating*>NULL if q == NULL else q + b, bn,
+                                      ahead1 + b, ahead2 + b, ahead_w + b))
+        b += BLOCK
+    return t + c
+
+
 cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
                        Py_ssize_t n) noexcept nogil:
+    """One row of a log_softmax/softmax backward op.  While the row's sum is formed, a row
+    that fits in cache fetches what comes next: the inputs of its output pass that the sum
+    did not read, its output, and the next row's inputs (rows are contiguous)."""
     cdef double G
     cdef Py_ssize_t i
+    cdef bint ahead = n * sizeof(floating) <= AHEAD_BYTES
     if op == OP_LOG_SOFTMAX_BACKWARD:
-        G = row_sum(g, <const floating*>NULL, n)
+        G = row_sum(g, <const floating*>NULL, n, q if ahead else g + BLOCK, g + n if ahead else
+                    g + BLOCK, <const floating*>out if ahead else g + BLOCK)
         for i in range(n):
             out[i] = <floating>(g[i] - exp_t(q[i]) * G)
     else:
-        G = row_sum(g, q, n)
+        G = row_sum(g, q, n, g + n if ahead else g + BLOCK, q + n if ahead else q + BLOCK,
+                    <const floating*>out if ahead else g + BLOCK)
         for i in range(n):
             out[i] = <floating>(q[i] * (g[i] - G))
 

@@ -12,50 +12,42 @@
  *   |k| < 2^21 and x - k*LN2_HI is exact.
  * - exp(r) = 1 + (r + r^2 q(r)) with q the Taylor series to degree 13 (truncation < 2^-57
  *   relative), added to 1 last so that the result is rounded once: about 0.6 ulp.
- * - 2^k is applied as two normal powers of two (k = k1 + k2), so results in the subnormal range
- *   are rounded once, correctly, instead of being flushed; x > 709.78 gives +inf, x < -745.14
- *   gives +0, -inf gives +0, +inf gives +inf, NaN gives NaN.
- * - The clamp is written as comparisons that are false for NaN, so NaN is kept.
+ * - 2^k is applied as a product of two powers of two that are always normal, the second a
+ *   constant, so results in the subnormal range are rounded once, correctly, instead of being
+ *   flushed.
+ * - No clamp of x: out of range (and -inf, +inf, huge x), the arithmetic makes garbage that one
+ *   or two final selects replace with 0 or +inf.  Every select compares false for NaN, so NaN
+ *   is kept.  (A clamp made GCC evaluate the polynomial twice, once for the clamped value.)
  */
 #ifndef CYLSM_EXP_H
 #define CYLSM_EXP_H
 
+#include <math.h>
 #include <stdint.h>
 
 /* Type punning through a union (GCC/Clang/MSVC define it); memcpy would keep the vectorizer off. */
 typedef union { double d; uint64_t u; } cylsm_bits;
 
-/* exp(x + lo) where lo is a correction far below ulp(x), typically the rounding error of the
- * difference that produced x (see cylsm_two_diff): lo joins the reduced argument r, so
- * exp(a - b) comes out as accurate as if a - b had been exact.  lo is ignored when x is not a
- * finite number in the clamp range. */
-static inline double cylsm_exp_lo(double x, double lo)
+/* exp(x) for any x.  As cylsm_exp_nonpos below (read that first), with 2^k applied as
+ * 2^(k - B) * 2^B, B = 600 for k > 0 and -600 otherwise (both factors normal for
+ * |k| <= 1622), and one more select: x > 709.8 gives +inf (and covers the garbage that huge
+ * x leave in the other lanes' arithmetic). */
+static inline double cylsm_exp(double x)
 {
-    const double shifter = 0x1.8p52;                 /* 1.5 * 2^52 */
-    const uint64_t shifter_bits = 0x4338000000000000ULL;
+    const double shifter = 0x1.8p52;
     const double log2e = 0x1.71547652b82fep0;
-    const double ln2_hi = 0x1.62e42feep-1;           /* 32 significant bits */
+    const double ln2_hi = 0x1.62e42feep-1;
     const double ln2_lo = 0x1.a39ef35793c76p-33;
 
-    double xc = x < -1100.0 ? -1100.0 : x;           /* NaN compares false: kept */
-    xc = xc > 1100.0 ? 1100.0 : xc;
-    lo = xc == x ? lo : 0.0;                         /* clamped, inf or NaN: no correction */
-
-    cylsm_bits kb, hb, s1, s2;
-    double kd = xc * log2e + shifter;
+    cylsm_bits kb, s1, s2;
+    double kd = x * log2e + shifter;
     kb.d = kd;
-    kd -= shifter;                                   /* k as an exact double */
-    double r = ((xc - kd * ln2_hi) + lo) - kd * ln2_lo;
+    kd -= shifter;
+    double r = (x - kd * ln2_hi) - kd * ln2_lo;
+    uint64_t bias = kd > 0.0 ? (uint64_t)(1023 - 600) : (uint64_t)(1023 + 600);
+    s1.u = (kb.u << 52) + (bias << 52);              /* 2^(k - B) */
+    s2.u = (2046 - bias) << 52;                      /* 2^B */
 
-    /* Split k = k1 + k2 with both halves giving normal powers of two. */
-    hb.d = kd * 0.5 + shifter;
-    uint64_t k = kb.u - shifter_bits;                /* two's complement k */
-    uint64_t k1 = hb.u - shifter_bits;
-    uint64_t k2 = k - k1;
-    s1.u = (k1 + 1023u) << 52;
-    s2.u = (k2 + 1023u) << 52;
-
-    /* q(r) = sum_{j=2}^{13} r^(j-2) / j!, evaluated by Estrin's scheme for throughput. */
     double r2 = r * r;
     double r4 = r2 * r2;
     double r8 = r4 * r4;
@@ -70,38 +62,31 @@ static inline double cylsm_exp_lo(double x, double lo)
     double b2 = a4 + r2 * a5;
     double q = (b0 + r4 * b1) + r8 * b2;
     double y = 1.0 + (r + r2 * q);
-    return (y * s1.d) * s2.d;
+    double e = (y * s1.d) * s2.d;
+    e = x > 709.8 ? (double)INFINITY : e;
+    return kd < -1600.0 ? 0.0 : e;                   /* NaN compares false throughout: kept */
 }
 
 /* The same design in single precision, for float32 data: twice the lanes per vector.  The
- * Taylor series to degree 7 truncates below 2^-27; about 0.6 ulp; results below 2^-126 are
- * rounded once as subnormals; x > 88.72 gives +inf, x < -103.97 gives +0. */
+ * Taylor series to degree 7 truncates below 2^-27; about 0.6 ulp; B = 64; x > 88.8 gives
+ * +inf, x below about -130 gives +0. */
 typedef union { float f; uint32_t u; } cylsm_bits32;
 
-static inline float cylsm_expf_lo(float x, float lo)
+static inline float cylsm_expf(float x)
 {
-    const float shifter = 0x1.8p23f;                 /* 1.5 * 2^23 */
-    const uint32_t shifter_bits = 0x4B400000u;
+    const float shifter = 0x1.8p23f;
     const float log2e = 0x1.715476p0f;
     const float ln2_hi = 0x1.62e4p-1f;               /* 15 significant bits */
     const float ln2_lo = 0x1.7f7d1cp-20f;
 
-    float xc = x < -150.0f ? -150.0f : x;
-    xc = xc > 150.0f ? 150.0f : xc;
-    lo = xc == x ? lo : 0.0f;
-
-    cylsm_bits32 kb, hb, s1, s2;
-    float kd = xc * log2e + shifter;
+    cylsm_bits32 kb, s1, s2;
+    float kd = x * log2e + shifter;
     kb.f = kd;
     kd -= shifter;
-    float r = ((xc - kd * ln2_hi) + lo) - kd * ln2_lo;
-
-    hb.f = kd * 0.5f + shifter;
-    uint32_t k = kb.u - shifter_bits;
-    uint32_t k1 = hb.u - shifter_bits;
-    uint32_t k2 = k - k1;
-    s1.u = (k1 + 127u) << 23;
-    s2.u = (k2 + 127u) << 23;
+    float r = (x - kd * ln2_hi) - kd * ln2_lo;
+    uint32_t bias = kd > 0.0f ? 127u - 64u : 127u + 64u;
+    s1.u = (kb.u << 23) + (bias << 23);
+    s2.u = (254u - bias) << 23;
 
     float r2 = r * r;
     float r4 = r2 * r2;
@@ -110,11 +95,15 @@ static inline float cylsm_expf_lo(float x, float lo)
     float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f; /* 1/6!, 1/7! */
     float q = (a0 + r2 * a1) + r4 * a2;
     float y = 1.0f + (r + r2 * q);
-    return (y * s1.f) * s2.f;
+    float e = (y * s1.f) * s2.f;
+    e = x > 88.8f ? (float)INFINITY : e;
+    return kd < -188.0f ? 0.0f : e;
 }
 
-/* exp(x + lo) for x <= 0 (or NaN), as cylsm_exp_lo / cylsm_expf_lo but cheaper: every exp of
- * a shifted row, exp(x - max), has such an argument.
+/* exp(x + lo) for x <= 0 (or NaN), cheaper than cylsm_exp / cylsm_expf: every exp of a
+ * shifted row, exp(x - max), has such an argument; lo is a correction far below ulp(x),
+ * typically the rounding error of the difference that produced x (see cylsm_two_diff): it
+ * joins the reduced argument r, so exp(a - b) comes out as accurate as if a - b were exact.
  * - No clamp: k is computed from x as it is, and where k is so low that the result is 0 anyway
  *   (x below about -1100, float: -130, and -inf) a final select gives 0.  That one select also
  *   covers every garbage value those lanes carry (a NaN lo for x = -inf, an unrepresentable
