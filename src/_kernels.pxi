@@ -748,10 +748,10 @@ cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n,
     return t
 
 
-cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, const floating* ahead1,
-                    const floating* ahead2, const floating* ahead_w) noexcept nogil:
-    """The sum of g (times q when q is not NULL) over a row: blocks of BLOCK summed in lanes,
-    the blocks added with TwoSum.  ahead1, ahead2, ahead_w: rows of n to prefetch."""
+cdef double super_rsum(const floating* g, const floating* q, Py_ssize_t n, const floating* ahead1,
+                       const floating* ahead2, const floating* ahead_w) noexcept nogil:
+    """The sum of g (times q when q is not NULL) over n <= SUPER elements: blocks of BLOCK
+    summed in lanes, the blocks added with TwoSum.  ahead1, ahead2, ahead_w: to prefetch."""
     cdef Py_ssize_t b = 0, bn
     cdef double t = 0.0, c = 0.0
     while b < n:
@@ -762,24 +762,63 @@ cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, const fl
     return t + c
 
 
-cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
-                       Py_ssize_t n) noexcept nogil:
-    """One row of a log_softmax/softmax backward op.  While the row's sum is formed, a row
-    that fits in cache fetches what comes next: the inputs of its output pass that the sum
-    did not read, its output, and the next row's inputs (rows are contiguous)."""
-    cdef double G
+cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt,
+                    const floating* ahead1, const floating* ahead2,
+                    const floating* ahead_w) noexcept nogil:
+    """The sum of g (times q when q is not NULL) over a row: superblocks of SUPER summed by
+    super_rsum (by nt threads), their sums added in order with TwoSum, so that the result
+    does not depend on nt.  ahead1, ahead2, ahead_w: rows of n to prefetch."""
+    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
+    cdef double t = 0.0, c = 0.0
+    cdef double* part = NULL
+    if nt > 1 and ns > 1:
+        part = <double*>malloc(ns * sizeof(double))     # NULL: serial, the same result
+    if part != NULL:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            part[k] = super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
+                                 q + k * SUPER, super_len(n, k), g + k * SUPER + BLOCK,
+                                 g + k * SUPER + BLOCK, g + k * SUPER + BLOCK)
+    for k in range(ns):
+        two_sum_add(&t, &c, part[k] if part != NULL else
+                    super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
+                               q + k * SUPER, super_len(n, k), ahead1 + k * SUPER,
+                               ahead2 + k * SUPER, ahead_w + k * SUPER))
+    free(part)
+    return t + c
+
+
+cdef inline void backward_output(int op, const floating* g, const floating* q, floating* out,
+                                 Py_ssize_t n, double G) noexcept nogil:
     cdef Py_ssize_t i
-    cdef bint ahead = n * sizeof(floating) <= AHEAD_BYTES
     if op == OP_LOG_SOFTMAX_BACKWARD:
-        G = row_sum(g, <const floating*>NULL, n, q if ahead else g + BLOCK, g + n if ahead else
-                    g + BLOCK, <const floating*>out if ahead else g + BLOCK)
         for i in range(n):
             out[i] = <floating>(g[i] - exp_t(q[i]) * G)
     else:
-        G = row_sum(g, q, n, g + n if ahead else g + BLOCK, q + n if ahead else q + BLOCK,
-                    <const floating*>out if ahead else g + BLOCK)
         for i in range(n):
             out[i] = <floating>(q[i] * (g[i] - G))
+
+
+cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
+                       Py_ssize_t n, int nt) noexcept nogil:
+    """One row of a log_softmax/softmax backward op, by nt threads (superblock by superblock).
+    While the row's sum is formed, a row that fits in cache fetches what comes next: the
+    inputs of its output pass that the sum did not read, its output, and the next row's
+    inputs (rows are contiguous)."""
+    cdef double G
+    cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
+    cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
+    if op == OP_LOG_SOFTMAX_BACKWARD:
+        G = row_sum(g, <const floating*>NULL, n, nt, q if ahead else g + BLOCK,
+                    g + n if ahead else g + BLOCK, <const floating*>out if ahead else g + BLOCK)
+    else:
+        G = row_sum(g, q, n, nt, g + n if ahead else g + BLOCK, q + n if ahead else q + BLOCK,
+                    <const floating*>out if ahead else g + BLOCK)
+    if nt > 1 and ns > 1:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            backward_output(op, g + k * SUPER, q + k * SUPER, out + k * SUPER,
+                            super_len(n, k), G)
+    else:
+        backward_output(op, g, q, out, n, G)
 
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
@@ -839,7 +878,7 @@ cdef void run_task(int op, const floating* x, const floating* g, floating* out,
                          out + r if reduced else out + r * n,
                          TILE if r + TILE <= outer else outer - r, n)
     elif backward:
-        backward_row(op, g + t * n, x + t * n, out + t * n, n)
+        backward_row(op, g + t * n, x + t * n, out + t * n, n, 1)
     else:
         stats_row(op, x + t * n, g + t if per_row_g else g, out + t if reduced else out + t * n,
                   n, 1)
@@ -854,10 +893,13 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     cdef bint short_rows = inner == 1 and n < SHORT and not backward
     cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
     cdef int nt = n_threads(outer * n * inner)
-    if nt > 1 and inner == 1 and not backward and outer < nt and n >= 2 * SUPER:
+    if nt > 1 and inner == 1 and outer < nt and n >= 2 * SUPER:
         for t in range(outer):      # few long rows: the threads share each row
-            stats_row(op, x + t * n, g + t if op == OP_LOGSUMEXP_BACKWARD else g,
-                      out + t if op == OP_LOGSUMEXP else out + t * n, n, nt)
+            if backward:
+                backward_row(op, g + t * n, x + t * n, out + t * n, n, nt)
+            else:
+                stats_row(op, x + t * n, g + t if op == OP_LOGSUMEXP_BACKWARD else g,
+                          out + t if op == OP_LOGSUMEXP else out + t * n, n, nt)
     elif nt == 1 or tasks == 1:
         for t in range(tasks):
             run_task(op, x, g, out, outer, n, inner, short_rows, t)
