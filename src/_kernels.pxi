@@ -97,6 +97,9 @@ cdef enum:
     KEEP_BYTES = 262144   # softmax rows up to this size keep their exps (they stay in cache)
     AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
+    RUN64 = 8         # float64: groups of W (row kernels) or rows (column kernels) summed
+                      # before the compensated add: a plain sum of many equal terms rounds the
+                      # same way each time (25 ulp in log_softmax over 128 of them)
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
     JB = 64           # columns walked together by a column kernel
@@ -193,6 +196,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     """OUT tot[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] != m[j] (the
     others contribute exactly 1 each; panel_max counts them).  part, comp: scratch of w."""
     cdef Py_ssize_t k, k0, k1, j
+    cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef const floating* row
     cdef floating v, e
     for j in range(w):
@@ -200,7 +204,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
         comp[j] = 0.0
     k0 = 0
     while k0 < K:
-        k1 = k0 + KC if k0 + KC < K else K
+        k1 = k0 + run if k0 + run < K else K
         for j in range(w):
             part[j] = 0.0
         for k in range(k0, k1):
@@ -335,49 +339,62 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                                 const floating* ahead, const floating* ahead_w) noexcept nogil:
     """The sum of exp(x[i] - mx) over the i < n with x[i] != mx (those contribute exactly 1
     each and are counted apart, so that the small terms are never rounded against them), in W
-    lanes.  Every exp is also stored in store[i] when store is not NULL.  The lane sums are a
-    local array, so they stay in registers (through a pointer they would make a round trip to
+    lanes, added to compensated lane totals after each run of groups (float64: RUN64 groups;
+    float32, accumulated in double: the whole block); the lanes are combined with TwoSum.
+    Every exp is also stored in store[i] when store is not NULL.  The lane sums are local
+    arrays, so they stay in registers (through a pointer they would make a round trip to
     memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
     along the way, so that the memory traffic of the next row overlaps the arithmetic of this
     one (callers with nothing to fetch point them at the data that follows x: a condition in
     the loop would keep the compiler from vectorizing it)."""
     cdef double acc[W]
-    cdef Py_ssize_t g, j, i, ng = n // W
+    cdef double tot[W]
+    cdef double comp[W]
+    cdef Py_ssize_t g, g0, g1, j, i, ng = n // W
+    cdef Py_ssize_t run = RUN64 if floating is double else BLOCK // W
     cdef floating v, e
-    cdef double t = 0.0
+    cdef double t = 0.0, c = 0.0
     for j in range(W):
-        acc[j] = 0.0
-    if store == NULL:
-        for g in range(ng):
-            prefetch_group(ahead + g * W, ahead_w + g * W)
-            for j in range(W):
-                v = x[g * W + j]
-                e = exp_diff(v, mx)
-                acc[j] = acc[j] if v == mx else acc[j] + e
-    else:
-        for g in range(ng):
-            prefetch_group(ahead + g * W, ahead_w + g * W)
-            for j in range(W):
-                v = x[g * W + j]
-                e = exp_diff(v, mx)
-                store[g * W + j] = e
-                acc[j] = acc[j] if v == mx else acc[j] + e
+        tot[j] = 0.0
+        comp[j] = 0.0
+    g0 = 0
+    while g0 < ng:
+        g1 = g0 + run if g0 + run < ng else ng
+        for j in range(W):
+            acc[j] = 0.0
+        if store == NULL:
+            for g in range(g0, g1):
+                prefetch_group(ahead + g * W, ahead_w + g * W)
+                for j in range(W):
+                    v = x[g * W + j]
+                    e = exp_diff(v, mx)
+                    acc[j] = acc[j] if v == mx else acc[j] + e
+        else:
+            for g in range(g0, g1):
+                prefetch_group(ahead + g * W, ahead_w + g * W)
+                for j in range(W):
+                    v = x[g * W + j]
+                    e = exp_diff(v, mx)
+                    store[g * W + j] = e
+                    acc[j] = acc[j] if v == mx else acc[j] + e
+        for j in range(W):
+            two_sum_add(&tot[j], &comp[j], acc[j])
+        g0 = g1
     if n % W:           # the lanes past n read nothing (masked): no scalar tail loop
         for j in range(W):
             i = ng * W + j
             v = x[i] if i < n else mx
             e = exp_diff(v, mx)
-            acc[j] = acc[j] if v == mx else acc[j] + e
+            acc[j] = 0.0 if v == mx else e
+        for j in range(W):
+            two_sum_add(&tot[j], &comp[j], acc[j])
         if store != NULL:
             for i in range(ng * W, n):
                 store[i] = exp_diff(x[i], mx)
-    for j in range(W // 2):     # a fixed pairwise order
-        acc[j] += acc[j + W // 2]
-    for j in range(W // 4):
-        acc[j] += acc[j + W // 4]
-    for j in range(W // 4):
-        t += acc[j]
-    return t
+    for j in range(W):
+        two_sum_add(&t, &c, tot[j])
+        c += comp[j]
+    return t + c
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
@@ -579,6 +596,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     cdef double tot[TILE]
     cdef double comp[TILE]
     cdef Py_ssize_t k, k0, k1, j
+    cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef floating v
     cdef int32_t m32[TILE]
     cdef int64_t m64[TILE]
@@ -611,7 +629,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
             ones[j] += T[k * TILE + j] == m[j]
     k0 = 0
     while k0 < n:
-        k1 = k0 + KC if k0 + KC < n else n
+        k1 = k0 + run if k0 + run < n else n
         for j in range(TILE):
             part[j] = 0.0
         for k in range(k0, k1):
