@@ -11,6 +11,11 @@
   _kernels_v3 (x86-64-v3: AVX2/FMA) and _kernels_v4 (x86-64-v4: AVX-512).  cylsm picks the best
   one the CPU supports at import.  A level the compiler cannot target is skipped, with a message.
 - CYLSM_DEBUG_BUILD=1 turns Cython's bounds/initialization checks back on and drops -O3.
+- CYLSM_OPENMP_PREFIX=DIR: an OpenMP runtime installed under DIR (DIR/include/omp.h,
+  DIR/lib/libomp.*), e.g. the libomp the macOS wheel build compiles for its deployment target
+  (tools/build_libomp_macos.sh); its include and library directories are added to the probe and
+  to the kernels.
+- The modules are compiled in parallel (one job per CPU) unless -j/--parallel says otherwise.
 """
 from __future__ import annotations
 
@@ -57,19 +62,38 @@ def targets_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def openmp_prefix_flags() -> tuple[list[str], list[str]]:
+    """Compile and link args for the OpenMP runtime under CYLSM_OPENMP_PREFIX (none if unset)."""
+    prefix = os.environ.get("CYLSM_OPENMP_PREFIX")
+    if not prefix:
+        return [], []
+    include, lib = os.path.join(prefix, "include"), os.path.join(prefix, "lib")
+    if not os.path.isfile(os.path.join(include, "omp.h")):
+        raise RuntimeError(f"cylsm: CYLSM_OPENMP_PREFIX={prefix!r} has no include/omp.h")
+    # The rpath lets the linker and delocate resolve libomp's @rpath install name.
+    rpath = [f"-Wl,-rpath,{lib}"] if sys.platform == "darwin" else []
+    return [f"-I{include}"], [f"-L{lib}", *rpath]
+
+
 def openmp_flag_candidates(compiler_type: str) -> list[tuple[list[str], list[str]]]:
     """(compile args, link args) to try, in order, for this compiler."""
     if compiler_type == "msvc":
         return [(["/openmp"], [])]
+    inc, lib = openmp_prefix_flags()
     if sys.platform == "darwin":
         return [
-            (["-Xpreprocessor", "-fopenmp"], ["-lomp"]),
-            (["-fopenmp"], ["-fopenmp"]),
+            (["-Xpreprocessor", "-fopenmp", *inc], [*lib, "-lomp"]),
+            (["-fopenmp", *inc], [*lib, "-fopenmp"]),
         ]
-    return [(["-fopenmp"], ["-fopenmp"])]
+    return [(["-fopenmp", *inc], [*lib, "-fopenmp"])]
 
 
 class BuildExt(build_ext):
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:           # three independent modules: build them side by side
+            self.parallel = os.cpu_count() or 1
+
     def _compiles(self, flags: list[str]) -> bool:
         tmp = tempfile.mkdtemp(prefix="cylsm-flags-")
         try:
@@ -157,6 +181,9 @@ def extensions() -> list[Extension]:
         "cdivision": not DEBUG,
         "embedsignature": True,
         "autotestdict": False,
+        # The kernels keep no mutable module state (OPS and the numpy functions are set once at
+        # import) and release nothing shared: safe to run without the GIL (free-threaded 3.14t).
+        "freethreading_compatible": True,
     }
     libraries = [] if sys.platform == "win32" else ["m"]
     levels = list(LEVELS) if targets_x86_64() else ["baseline"]
