@@ -86,6 +86,22 @@ cdef extern from *:
     const int CYLSM_OPENMP
     int omp_get_max_threads() noexcept nogil
 
+cdef extern from *:
+    """
+    /* GNU libgomp cannot start a parallel region in a child forked after the parent ran one
+       (the child hangs); the child runs its kernels on one thread instead. */
+    #if defined(_OPENMP) && defined(__GNUC__) && !defined(__clang__) && !defined(_WIN32)
+    #include <pthread.h>
+    static void cylsm_one_thread(void) { omp_set_num_threads(1); }
+    static void cylsm_fork_guard(void) { pthread_atfork(NULL, NULL, cylsm_one_thread); }
+    #else
+    static void cylsm_fork_guard(void) {}
+    #endif
+    """
+    void cylsm_fork_guard() noexcept
+
+cylsm_fork_guard()
+
 cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
