@@ -265,6 +265,13 @@ def _contiguous(a: Any) -> bool:
     return type(a) is np.ndarray and a.flags.c_contiguous and a.dtype.char in "fd"
 
 
+def _is_last(axis: Any) -> bool:
+    """Is ``axis`` the plain int -1, the shortcut's case?  (``axis == -1`` would also let -1.0
+    through unchecked, and fail unclearly for an array.)  Anything else takes the general path,
+    which validates it."""
+    return type(axis) is int and axis == -1
+
+
 def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None, g: Any = None) -> Any:
     """The kernels' shortcut for C-contiguous float32/float64 ndarrays (x, and g for the
     backward ops) and a C-contiguous writable ``out``; None when it does not apply."""
@@ -320,7 +327,7 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
-    if axis == -1 and dtype is None and where is None:
+    if _is_last(axis) and dtype is None and where is None:
         result = _fast("log_softmax", x, out=out)
         if result is not None:
             return result
@@ -368,7 +375,7 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
-    if axis == -1 and dtype is None and where is None:
+    if _is_last(axis) and dtype is None and where is None:
         result = _fast("softmax", x, out=out)
         if result is not None:
             return result
@@ -446,7 +453,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
-    if (axis is None or axis == -1) and not keepdims and dtype is None \
+    if (axis is None or _is_last(axis)) and not keepdims and dtype is None \
             and b is None and not return_sign and where is None:
         result = _fast("logsumexp", a, all_axes=axis is None, out=out)
         if result is not None:
@@ -504,7 +511,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
-    if axis == -1 and where is None:
+    if _is_last(axis) and where is None and grad is not None:
         result = _fast(fname, y, out=out, g=grad)
         if result is not None:
             return result
