@@ -215,10 +215,12 @@ def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool
     """Deliver a result computed in ``res``: into ``out``, or as a new array or NumPy scalar."""
     if out is not None:
         if res is not out:
-            np.copyto(out, res.reshape(out.shape), casting="unsafe")
+            with np.errstate(over="ignore"):     # float16 results may round to inf: no warning
+                np.copyto(out, res.reshape(out.shape), casting="unsafe")
         return out
     if res.dtype != rdt:
-        res = res.astype(rdt)
+        with np.errstate(over="ignore"):
+            res = res.astype(rdt)
     return res.reshape(())[()] if scalar else res
 
 
@@ -232,7 +234,8 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     rdt = _result_dtype(fname, xa, dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:
-        xa = xa.astype(rdt, copy=False)             # dtype=: the input is cast first
+        with np.errstate(over="ignore"):            # dtype=: the input is cast first, and
+            xa = xa.astype(rdt, copy=False)         # what overflows is inf, without a warning
     scalar = xa.ndim == 0
     if out is not None:
         _check_out(out, xa.shape, rdt, fname)
@@ -464,8 +467,9 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:                           # dtype=: the inputs are cast first
-        xa = xa.astype(rdt, copy=False)
-        ba = None if ba is None else ba.astype(rdt, copy=False)
+        with np.errstate(over="ignore"):            # overflow gives inf, without a warning
+            xa = xa.astype(rdt, copy=False)
+            ba = None if ba is None else ba.astype(rdt, copy=False)
     if ba is not None:
         xa, ba = _broadcast(fname, xa, ba)
     scalar_in = xa.ndim == 0
