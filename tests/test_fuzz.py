@@ -40,7 +40,8 @@ from _reference import (
 )
 from test_hypothesis import axes_for, compare_backends, special_elements
 
-FUZZ_EXAMPLES = int(os.environ.get("CYLSM_FUZZ_EXAMPLES", "60"))
+# a short pass in the suite; tools/fuzz.py (run by .ci/run) is the long one
+FUZZ_EXAMPLES = int(os.environ.get("CYLSM_FUZZ_EXAMPLES", "30"))
 SETTINGS = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
@@ -170,13 +171,15 @@ def check_against_scipy(name, res, ref, dtype, x_of_ref=()):
     res = np.asarray(res)
     ref = ref.reshape(res.shape)
     e = eps(dtype)
-    same_special(res, ref.astype(res.dtype))
+    with quiet():                   # a float64 result beyond the float32 range is inf there
+        ref_c = ref.astype(res.dtype)
+    same_special(res, ref_c)
     if name == "softmax":
         with np.errstate(all="ignore"):
             logp = np.abs(np.log(np.where(ref > 0, ref, 1)))
         # 32 eps absolute besides: a (63, 63) int16 case near p = 1 differed from scipy by
         # 27 eps (not root-caused: scipy's error or ours, each within this)
-        assert_ulp_close(res, ref.astype(res.dtype), dtype, 8, rel_extra=e * (2 * logp + 2),
+        assert_ulp_close(res, ref_c, dtype, 8, rel_extra=e * (2 * logp + 2),
                          abs_extra=32 * e + 2 * float(np.finfo(dtype).smallest_subnormal))
     else:
         fin = np.isfinite(ref) & np.isfinite(res)
