@@ -335,7 +335,12 @@ def check_forward(data, backends):
         if np.ndim(r) == 0 and "out" not in kw and isinstance(out_spec, type(lambda: 0)):
             assert isinstance(r, np.generic) or np.ndim(r) == 0
         if name == "logsumexp":
-            compare_backends(name, r, python, cmp_dtype)
+            # plus n eps: a plain running sum of n equal terms (test_regression_equal_terms_sum)
+            n = max(1, int(np.prod(np.broadcast_shapes(x.shape, np.shape(b) if b is not None
+                                                        else ()))) // max(1, int(np.size(r))))
+            with quiet():
+                extra = (3 * np.maximum(1, np.abs(np.asarray(r, np.float64))) + n) * eps(cmp_dtype)
+            assert_ulp_close(r, python, cmp_dtype, 2, abs_extra=extra)
         else:
             compare_rows(name, r, python, cmp_dtype, axis)
 
