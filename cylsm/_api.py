@@ -215,10 +215,12 @@ def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool
     """Deliver a result computed in ``res``: into ``out``, or as a new array or NumPy scalar."""
     if out is not None:
         if res is not out:
-            np.copyto(out, res.reshape(out.shape), casting="unsafe")
+            with np.errstate(over="ignore"):     # float16 results may round to inf: no warning
+                np.copyto(out, res.reshape(out.shape), casting="unsafe")
         return out
     if res.dtype != rdt:
-        res = res.astype(rdt)
+        with np.errstate(over="ignore"):
+            res = res.astype(rdt)
     return res.reshape(())[()] if scalar else res
 
 
@@ -232,7 +234,8 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     rdt = _result_dtype(fname, xa, dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:
-        xa = xa.astype(rdt, copy=False)             # dtype=: the input is cast first
+        with np.errstate(over="ignore"):            # dtype=: the input is cast first, and
+            xa = xa.astype(rdt, copy=False)         # what overflows is inf, without a warning
     scalar = xa.ndim == 0
     if out is not None:
         _check_out(out, xa.shape, rdt, fname)
@@ -263,6 +266,13 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
 
 def _contiguous(a: Any) -> bool:
     return type(a) is np.ndarray and a.flags.c_contiguous and a.dtype.char in "fd"
+
+
+def _is_last(axis: Any) -> bool:
+    """Is ``axis`` the plain int -1, the shortcut's case?  (``axis == -1`` would also let -1.0
+    through unchecked, and fail unclearly for an array.)  Anything else takes the general path,
+    which validates it."""
+    return type(axis) is int and axis == -1
 
 
 def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None, g: Any = None) -> Any:
@@ -320,7 +330,7 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
-    if axis == -1 and dtype is None and where is None:
+    if _is_last(axis) and dtype is None and where is None:
         result = _fast("log_softmax", x, out=out)
         if result is not None:
             return result
@@ -368,7 +378,7 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
-    if axis == -1 and dtype is None and where is None:
+    if _is_last(axis) and dtype is None and where is None:
         result = _fast("softmax", x, out=out)
         if result is not None:
             return result
@@ -446,7 +456,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
-    if (axis is None or axis == -1) and not keepdims and dtype is None \
+    if (axis is None or _is_last(axis)) and not keepdims and dtype is None \
             and b is None and not return_sign and where is None:
         result = _fast("logsumexp", a, all_axes=axis is None, out=out)
         if result is not None:
@@ -457,8 +467,9 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:                           # dtype=: the inputs are cast first
-        xa = xa.astype(rdt, copy=False)
-        ba = None if ba is None else ba.astype(rdt, copy=False)
+        with np.errstate(over="ignore"):            # overflow gives inf, without a warning
+            xa = xa.astype(rdt, copy=False)
+            ba = None if ba is None else ba.astype(rdt, copy=False)
     if ba is not None:
         xa, ba = _broadcast(fname, xa, ba)
     scalar_in = xa.ndim == 0
@@ -504,7 +515,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
-    if axis == -1 and where is None:
+    if _is_last(axis) and where is None and grad is not None:
         result = _fast(fname, y, out=out, g=grad)
         if result is not None:
             return result

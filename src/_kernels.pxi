@@ -90,6 +90,22 @@ cdef extern from *:
     const int CYLSM_OPENMP
     int omp_get_max_threads() noexcept nogil
 
+cdef extern from *:
+    """
+    /* GNU libgomp cannot start a parallel region in a child forked after the parent ran one
+       (the child hangs); the child runs its kernels on one thread instead. */
+    #if defined(_OPENMP) && defined(__GNUC__) && !defined(__clang__) && !defined(_WIN32)
+    #include <pthread.h>
+    static void cylsm_one_thread(void) { omp_set_num_threads(1); }
+    static void cylsm_fork_guard(void) { pthread_atfork(NULL, NULL, cylsm_one_thread); }
+    #else
+    static void cylsm_fork_guard(void) {}
+    #endif
+    """
+    void cylsm_fork_guard() noexcept
+
+cylsm_fork_guard()
+
 cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
@@ -1038,42 +1054,48 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
 
 def log_softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
     """OUT out = x - logsumexp(x) (out may be x)."""
-    run(OP_LOG_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
-        x.shape[0], x.shape[1], x.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_LOG_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
+            x.shape[0], x.shape[1], x.shape[2])
 
 
 def softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
     """OUT out = exp(x) / sum(exp(x)) (out may be x)."""
-    run(OP_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
-        x.shape[0], x.shape[1], x.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
+            x.shape[0], x.shape[1], x.shape[2])
 
 
 def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out):
     """OUT out[o, j] = log(sum over i of exp(x[o, i, j]))."""
-    run(OP_LOGSUMEXP, &x[0, 0, 0], <const floating*>NULL, &out[0, 0],
-        x.shape[0], x.shape[1], x.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_LOGSUMEXP, &x[0, 0, 0], <const floating*>NULL, &out[0, 0],
+            x.shape[0], x.shape[1], x.shape[2])
 
 
 def log_softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] y,
                          floating[:, :, ::1] out):
     """OUT out = g - exp(y) * sum(g) (out may be g or y)."""
-    run(OP_LOG_SOFTMAX_BACKWARD, &y[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
-        y.shape[0], y.shape[1], y.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_LOG_SOFTMAX_BACKWARD, &y[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
+            y.shape[0], y.shape[1], y.shape[2])
 
 
 def softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] p,
                      floating[:, :, ::1] out):
     """OUT out = p * (g - sum(g * p)) (out may be g or p)."""
-    run(OP_SOFTMAX_BACKWARD, &p[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
-        p.shape[0], p.shape[1], p.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_SOFTMAX_BACKWARD, &p[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
+            p.shape[0], p.shape[1], p.shape[2])
 
 
 def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
                        floating[:, :, ::1] out):
     """OUT out = g * exp(x - logsumexp(x)), and 0 where logsumexp(x) is -inf (out may be x).
     g is (outer, inner)."""
-    run(OP_LOGSUMEXP_BACKWARD, &x[0, 0, 0], &g[0, 0], &out[0, 0, 0],
-        x.shape[0], x.shape[1], x.shape[2])
+    with nogil:     # also when run() takes no parallel region (one thread, one task)
+        run(OP_LOGSUMEXP_BACKWARD, &x[0, 0, 0], &g[0, 0], &out[0, 0, 0],
+            x.shape[0], x.shape[1], x.shape[2])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,3 +42,16 @@ def lsm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
         pytest.fail(f"backend {request.param!r} cannot be imported: {exc}")
     monkeypatch.setattr(_api, "_K", kernels)
     return cylsm
+
+
+@pytest.fixture
+def backends(request: pytest.FixtureRequest) -> list[tuple[str, object]]:
+    """Every backend at once, as (name, kernel module): for tests that compare them with each
+    other in one example (tests/test_fuzz.py).  Missing compiled kernels fail, as for ``lsm``."""
+    found = []
+    for name in backend_names(request.config):
+        try:
+            found.append((name, _select.load(name)))
+        except ImportError as exc:
+            pytest.fail(f"backend {name!r} cannot be imported: {exc}")
+    return found
