@@ -92,6 +92,8 @@ cdef enum:
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
     KEEP_BYTES = 262144   # softmax rows up to this size keep their exps (they stay in cache)
     KC = 128          # rows of a column kernel summed before the compensated add
+    RUN64 = 8         # float64: groups of W summed in a row kernel before the compensated add
+    KC64 = 8          # float64: rows of a column kernel summed before the compensated add
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
     JB = 64           # columns walked together by a column kernel
@@ -181,8 +183,10 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                               const floating* m, double* tot, double* part, double* comp,
                               floating* seen) noexcept nogil:
     """OUT tot[j] = sum over k < K of exp(p[k*s + j] - m[j]), leaving out the first element
-    equal to m[j] (it contributes exactly 1).  part, comp, seen: scratch of w."""
+    equal to m[j] (it contributes exactly 1).  part, comp, seen: scratch of w.  float64 runs
+    are short: a plain sum of many equal terms rounds the same way each time."""
     cdef Py_ssize_t k, k0, k1, j
+    cdef Py_ssize_t kc = KC64 if floating is double else KC
     cdef const floating* row
     cdef floating v, e, first
     for j in range(w):
@@ -191,7 +195,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
         seen[j] = 0
     k0 = 0
     while k0 < K:
-        k1 = k0 + KC if k0 + KC < K else K
+        k1 = k0 + kc if k0 + kc < K else K
         for j in range(w):
             part[j] = 0.0
         for k in range(k0, k1):
@@ -331,12 +335,17 @@ cdef inline void group_sumexp(const floating* x, Py_ssize_t i0, Py_ssize_t n, fl
 
 
 cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
-                              double* part, floating* store) noexcept nogil:
-    """part[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j; every
-    exp is also stored in store[i] when store is not NULL."""
+                              double* tot, double* comp, floating* store) noexcept nogil:
+    """tot[j] + comp[j] += exp(x[i] - mx) over the i < n, i != ex (-1: none), with i % W == j:
+    summed in lanes, the lane sums added to tot with TwoSum at the end (float64: every RUN64
+    groups, as a plain sum of many equal terms rounds the same way each time).  Every exp is
+    also stored in store[i] when store is not NULL."""
+    cdef double part[W]
     cdef Py_ssize_t g, j, ng = n // W
     cdef Py_ssize_t gex = ex // W if ex >= 0 else ng
     cdef floating e
+    for j in range(W):
+        part[j] = 0.0
     if store == NULL:
         for g in range(ng):
             if g == gex:
@@ -344,6 +353,11 @@ cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_s
             else:
                 for j in range(W):
                     part[j] += exp_diff(x[g * W + j], mx)
+            if floating is double:
+                if g % RUN64 == RUN64 - 1:
+                    for j in range(W):
+                        two_sum_add(&tot[j], &comp[j], part[j])
+                        part[j] = 0.0
     else:
         for g in range(ng):
             if g == gex:
@@ -353,8 +367,15 @@ cdef inline void block_sumexp(const floating* x, Py_ssize_t n, floating mx, Py_s
                     e = exp_diff(x[g * W + j], mx)
                     store[g * W + j] = e
                     part[j] += e
+            if floating is double:
+                if g % RUN64 == RUN64 - 1:
+                    for j in range(W):
+                        two_sum_add(&tot[j], &comp[j], part[j])
+                        part[j] = 0.0
     if n % W:
         group_sumexp(x, ng * W, n, mx, ex, part, store)
+    for j in range(W):
+        two_sum_add(&tot[j], &comp[j], part[j])
 
 
 cdef int64_t super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexcept nogil:
@@ -375,28 +396,24 @@ cdef int64_t super_max(const floating* x, Py_ssize_t n, Py_ssize_t* best) noexce
 cdef double super_sum(const floating* x, Py_ssize_t n, floating mx, Py_ssize_t ex,
                       floating* store) noexcept nogil:
     """sum of exp(x - mx) over x[0:n] (n <= SUPER) but x[ex] (ex = -1: none): lane sums within
-    blocks of BLOCK, the blocks added lane by lane with TwoSum.  The exps are also stored in
-    store[0:n] when store is not NULL."""
+    blocks of BLOCK, the blocks added lane by lane with TwoSum, the lanes too.  The exps are
+    also stored in store[0:n] when store is not NULL."""
     cdef double tot[W]
     cdef double comp[W]
-    cdef double part[W]
     cdef Py_ssize_t b = 0, bn, j
-    cdef double t = 0.0
+    cdef double t = 0.0, c = 0.0
     for j in range(W):
         tot[j] = 0.0
         comp[j] = 0.0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        for j in range(W):
-            part[j] = 0.0
-        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, part,
+        block_sumexp(x + b, bn, mx, ex - b if b <= ex < b + bn else -1, tot, comp,
                      NULL if store == NULL else store + b)
-        for j in range(W):
-            two_sum_add(&tot[j], &comp[j], part[j])
         b += BLOCK
     for j in range(W):
-        t += tot[j] + comp[j]
-    return t
+        two_sum_add(&t, &c, tot[j])
+        c += comp[j]
+    return t + c
 
 
 cdef inline Py_ssize_t super_len(Py_ssize_t n, Py_ssize_t k) noexcept nogil:

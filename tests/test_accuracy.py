@@ -278,3 +278,22 @@ def test_thread_count_bitwise_identical(request, lsm):
         digests[threads] = res.stdout.strip()
     assert len(set(digests.values())) == 1, digests
     assert len(digests["1"]) == 64
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("n", [10, 90, 128, 255, 300, 1000, 2048, 3000])
+def test_equal_terms_do_not_accumulate_rounding(lsm, n, axis):
+    """Rows [c, 0, 0, ..., 0]: n - 1 equal terms exp(-c), whose plain running sum rounds the
+    same way again and again.  Summed 128 to a lane before the compensated add, the largest
+    element of log_softmax was off by up to 25 ulp (n = 128, c = 9.75; found by
+    test_hypothesis under tools/sanitize.sh).  Every float64 row and column kernel is hit:
+    short rows (n < 256), rows, columns."""
+    c = np.linspace(0.5, 12, 47)
+    x = np.zeros((c.size, n))
+    x[:, 0] = c
+    if axis == 0:
+        x = np.ascontiguousarray(x.T)
+    y = lsm.log_softmax(x, axis=axis)
+    assert max_ulp(y, ref_log_softmax(x, axis=axis), np.float64) <= 4
+    r = lsm.logsumexp(x, axis=axis)
+    assert float(lse_err(r, ref_logsumexp(x, axis=axis), np.float64).max()) <= 1.0
