@@ -18,6 +18,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
+python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")   # absolute: we cd below
 levels=("$@")
 if [ ${#levels[@]} -eq 0 ]; then      # baseline, and v3 where this CPU runs it
     read -r -a levels < <(cd /tmp && "$python" -c 'from cylsm import _select
