@@ -13,10 +13,9 @@
 #
 # Environment: PYTHON (default python3), KEEP=1 keeps the temporary directory,
 # LEVELS=v4 (say) builds only that CPU level besides baseline (setup.py's CYLSM_LEVELS: a
-# quicker build, for CI),
-# SANITIZE_LSAN=1 (asan mode) also runs LeakSanitizer over tests/test_leaks.py and fails on a
-# leak whose allocation stack passes through the kernels (CPython's own allocations at exit are
-# not interesting: the interpreter never frees everything).
+# quicker build, for CI).  LeakSanitizer stays off (detect_leaks=0): CPython never frees
+# everything at exit; leaks are the business of tests/test_leaks.py and of tools/valgrind.sh
+# (definite leaks allocated through the kernels).
 set -euo pipefail
 
 mode=${1:-asan}
@@ -149,33 +148,4 @@ cd "$src"
 env "${run_env[@]}" "$venv/bin/pytest" -p no:cacheprovider -q "${deselect[@]}" "$@"
 echo "== pytest ($mode) took $((SECONDS - t1)) s"
 
-if [ "$mode" = asan ] && [ "${SANITIZE_LSAN:-}" = 1 ]; then
-    echo "== LeakSanitizer over tests/test_leaks.py (leaks through the kernels only)"
-    t2=$SECONDS
-    log=$tmp/lsan
-    env "${run_env[@]}" ASAN_OPTIONS="detect_leaks=1:log_path=$log:allocator_may_return_null=1" \
-        "$venv/bin/pytest" tests/test_leaks.py -p no:cacheprovider -q \
-        || true   # LSan makes the exit status non-zero for CPython's own leaks at exit
-    "$venv/bin/python" - "$log" <<'EOF'
-import glob, re, sys
-reports = []
-for path in glob.glob(sys.argv[1] + ".*"):
-    text = open(path).read()
-    if "ERROR: LeakSanitizer" not in text and "ERROR: AddressSanitizer" not in text:
-        continue
-    if "ERROR: AddressSanitizer" in text:
-        reports.append(text)
-        continue
-    for block in re.split(r"\n(?=(?:Direct|Indirect) leak of )", text):
-        if block.startswith(("Direct", "Indirect")) and "_kernels_" in block:
-            reports.append(block)
-total = sum(len(re.findall(r"(?:Direct|Indirect) leak of", open(p).read()))
-            for p in glob.glob(sys.argv[1] + ".*"))
-print(f"LSan: {total} leak records in all (CPython's exit), {len(reports)} through cylsm's kernels")
-for r in reports:
-    print(r)
-sys.exit(1 if reports else 0)
-EOF
-    echo "== LSan took $((SECONDS - t2)) s"
-fi
 echo "== sanitize.sh $mode: OK in $((SECONDS - t0)) s"
