@@ -187,6 +187,9 @@ def extensions() -> list[Extension]:
     }
     libraries = [] if sys.platform == "win32" else ["m"]
     levels = list(LEVELS) if targets_x86_64() else ["baseline"]
+    if os.environ.get("CYLSM_LEVELS"):   # e.g. "v4": fewer levels, for quick sanitizer builds
+        wanted = os.environ["CYLSM_LEVELS"].split(",")
+        levels = [lv for lv in levels if lv == "baseline" or lv in wanted]   # baseline: always
     exts = [
         Extension(
             f"cylsm._kernels_{level}",

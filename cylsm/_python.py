@@ -178,7 +178,7 @@ def logsumexp_backward_weighted(
     M, mw, rest = _weighted_parts(xc, bc)
     with np.errstate(all="ignore"):
         total = mw + rest
-        dead = (M == -np.inf) | (total == 0)
+        dead = ~np.isnan(M) & ((M == -np.inf) | (total == 0))    # a NaN line stays NaN
         M = np.where(M == np.inf, np.nan, M)
         scale = np.where(dead, 0, _compute(g)[:, None, :] / np.where(dead, 1, total))
         grad = scale * bc * _exp_diff(xc, np.where(dead, 0, M))

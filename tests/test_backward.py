@@ -475,3 +475,15 @@ def test_references_are_sane():
     np.testing.assert_allclose(y, x - np.log(np.sum(np.exp(x), -1, keepdims=True)), rtol=1e-14)
     np.testing.assert_allclose(ref_softmax(x), np.exp(x) / np.sum(np.exp(x), -1, keepdims=True),
                                rtol=1e-14)
+
+
+def test_weighted_logsumexp_backward_nan_row(lsm):
+    # logsumexp is NaN, so is every gradient entry with b != 0, as without b (the Python
+    # backend gave 0 at the finite entries: its NaN line has mw = rest = 0 and counted as dead)
+    with no_warnings():
+        dx = lsm.logsumexp_backward(np.ones(2), np.array([[NAN, 1.0], [NAN, 1.0]]), axis=1,
+                                    b=np.array([[0.5, 0.5], [1.0, 0.0]]))
+        plain = lsm.logsumexp_backward(1.0, np.array([NAN, 1.0]))
+    assert np.isnan(dx[0]).all()
+    assert np.isnan(dx[1, 0]) and dx[1, 1] == 0
+    assert np.isnan(plain).all()
