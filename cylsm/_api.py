@@ -647,7 +647,8 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
     array([0.5, 0.5])
     """
-    if (axis is None or axis == -1) and not keepdims and b is None and where is None:
+    if (axis is None or _is_last(axis)) and not keepdims and b is None and where is None \
+            and grad is not None:
         result = _fast("logsumexp_backward", x, all_axes=axis is None, out=out, g=grad)
         if result is not None:
             return result
