@@ -225,19 +225,23 @@ def signed_sums_agree(results, x, b, axis, dtype):
 
 
 def compare_rows(name, a, b, dtype, axis):
-    """compare_backends for log_softmax/softmax.  (While the compiled kernels summed 128 equal
-    terms per lane plainly, this allowed n * eps * |L| more; test_regression_equal_terms_sum
-    keeps that fixed.)"""
+    """compare_backends for log_softmax/softmax, plus n subnormal spacings absolute: float32
+    kernels form each exp(x - M) in float32, so a term below 2^-126 carries up to half a
+    subnormal spacing of absolute error, and n of them can add up (a column [0, -96 x 62]
+    put the largest log_softmax, about -1.26e-40, 27 spacings from the Python backend's).
+    (While the compiled kernels summed 128 equal terms per lane plainly, this allowed
+    n * eps * |L| more; test_regression_equal_terms_sum keeps that fixed.)"""
     a, b = np.asarray(a), np.asarray(b)
     if a.size == 0:
         return compare_backends(name, a, b, dtype)
     same_special(a, b)
+    sub = a.size * float(np.finfo(dtype).smallest_subnormal)
     if name == "log_softmax":
-        assert_ulp_close(a, b, dtype, 8)
+        assert_ulp_close(a, b, dtype, 8, abs_extra=sub)
     else:
         with quiet():
             logp = np.abs(np.log(np.where(a > 0, a, 1).astype(np.float64)))
-        assert_ulp_close(a, b, dtype, 8, rel_extra=2 * eps(dtype) * logp)
+        assert_ulp_close(a, b, dtype, 8, rel_extra=2 * eps(dtype) * logp, abs_extra=sub)
 
 
 def snapshot(*arrays):
@@ -526,3 +530,27 @@ def test_regression_scipy_sums_along_axis0(lsm, name, shape, top):
     lse = np.log(np.sum(np.exp(xl - top), axis=0, keepdims=True)) + top
     ref = xl - lse if name == "log_softmax" else np.exp(xl - lse)
     assert max_ulp(res, ref, np.float64) <= (4 if name == "log_softmax" else 1)
+
+
+def test_regression_subnormal_terms_float32():
+    """Found by the fuzzer (CI): a column [0, -96 x 62] reduced in float32.  exp(-96) is
+    subnormal in float32, so each compiled term carries up to half a subnormal spacing of
+    absolute error, and the largest log_softmax (about -1.26e-40) came out 27 spacings from
+    the Python backend's; compare_rows allows n spacings for that."""
+    from cylsm import _select
+
+    x = np.array([0] + [-96] * 62, np.int16).reshape(63, 1)
+    expect = {name: _select.load(name) for name in _select.COMPILED_NAMES}
+    import cylsm
+    from cylsm import _api
+
+    saved = _api._K
+    try:
+        _api._K = _select.load("python")
+        ref = {n: getattr(cylsm, n)(x, axis=0, dtype=np.float32) for n in ("log_softmax", "softmax")}
+        for kernels in expect.values():
+            _api._K = kernels
+            for n, r in ref.items():
+                compare_rows(n, getattr(cylsm, n)(x, axis=0, dtype=np.float32), r, np.float32, 0)
+    finally:
+        _api._K = saved
