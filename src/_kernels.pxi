@@ -582,7 +582,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
     nt threads work on this one row (superblock by superblock)."""
     cdef double M, L, S
-    cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
+    cdef Py_ssize_t k
     # softmax of a row that stays in cache: keep the exps of the sum pass in out
     cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES
     # a row that fits in cache fetches the next row (rows are contiguous), and the output it
@@ -596,11 +596,10 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     if keep and -INFINITY < M < INFINITY:
         for k in range(n):
             out[k] = normalize(out[k], S, 1.0 / S)
-    elif op == OP_LOGSUMEXP or nt == 1 or ns == 1:
+    elif op == OP_LOGSUMEXP:
         row_output(op, x, g, out, n, M, L, S)
     else:
-        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-            row_output(op, x + k * SUPER, g, out + k * SUPER, super_len(n, k), M, L, S)
+        row_outputs(op, x, g, out, n, M, L, S, nt)
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
@@ -682,7 +681,8 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
 
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
                             Py_ssize_t n, double M, double L, double S) noexcept nogil:
-    """The output of op for a row of n whose statistics are M, L, S."""
+    """The output of op for a row of n whose statistics are M, L, S.  For the backward ops of
+    log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
     if op == OP_LOG_SOFTMAX:
@@ -693,6 +693,12 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             out[i] = normalize(exp_diff(x[i], <floating>M), S, R)
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
+    elif op == OP_LOG_SOFTMAX_BACKWARD:
+        for i in range(n):
+            out[i] = <floating>(g[i] - exp_t(x[i]) * M)
+    elif op == OP_SOFTMAX_BACKWARD:
+        for i in range(n):
+            out[i] = <floating>(x[i] * (g[i] - M))
     else:
         gr = g[0]
         if M == -INFINITY:      # logsumexp is -inf: the gradient is exactly 0
@@ -705,6 +711,26 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
         else:
             for i in range(n):
                 out[i] = <floating>(gr * exp_diff2(x[i], M, L))
+
+
+cdef void row_outputs(int op, const floating* x, const floating* g, floating* out,
+                      Py_ssize_t n, double M, double L, double S, int nt) noexcept nogil:
+    """row_output for a row, by nt threads, superblock by superblock and last first: the
+    superblocks that the statistics pass read last are still in the cache.  With the same
+    static schedule as that pass, each thread starts on superblocks read last by a thread."""
+    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, kk
+    cdef bint per_element_g = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
+    if ns == 1:
+        row_output(op, x, g, out, n, M, L, S)
+    elif nt > 1:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            kk = ns - 1 - k
+            row_output(op, x + kk * SUPER, g + kk * SUPER if per_element_g else g,
+                       out + kk * SUPER, super_len(n, kk), M, L, S)
+    else:
+        for k in range(ns - 1, -1, -1):
+            row_output(op, x + k * SUPER, g + k * SUPER if per_element_g else g,
+                       out + k * SUPER, super_len(n, k), M, L, S)
 
 
 cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
@@ -821,17 +847,6 @@ cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt,
     return t + c
 
 
-cdef inline void backward_output(int op, const floating* g, const floating* q, floating* out,
-                                 Py_ssize_t n, double G) noexcept nogil:
-    cdef Py_ssize_t i
-    if op == OP_LOG_SOFTMAX_BACKWARD:
-        for i in range(n):
-            out[i] = <floating>(g[i] - exp_t(q[i]) * G)
-    else:
-        for i in range(n):
-            out[i] = <floating>(q[i] * (g[i] - G))
-
-
 cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
                        Py_ssize_t n, int nt) noexcept nogil:
     """One row of a log_softmax/softmax backward op, by nt threads (superblock by superblock).
@@ -839,7 +854,6 @@ cdef void backward_row(int op, const floating* g, const floating* q, floating* o
     inputs of its output pass that the sum did not read, its output, and the next row's
     inputs (rows are contiguous)."""
     cdef double G
-    cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
     cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
     if op == OP_LOG_SOFTMAX_BACKWARD:
         G = row_sum(g, <const floating*>NULL, n, nt, q if ahead else g + BLOCK,
@@ -847,12 +861,42 @@ cdef void backward_row(int op, const floating* g, const floating* q, floating* o
     else:
         G = row_sum(g, q, n, nt, g + n if ahead else g + BLOCK, q + n if ahead else q + BLOCK,
                     <const floating*>out if ahead else g + BLOCK)
-    if nt > 1 and ns > 1:
-        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-            backward_output(op, g + k * SUPER, q + k * SUPER, out + k * SUPER,
-                            super_len(n, k), G)
-    else:
-        backward_output(op, g, q, out, n, G)
+    row_outputs(op, q, g, out, n, G, 0.0, 1.0, nt)
+
+
+cdef void backward_short_rows(int op, const floating* g, const floating* q, floating* out,
+                              Py_ssize_t R, Py_ssize_t n) noexcept nogil:
+    """backward_row for R rows of n < SHORT elements, without backward_row's blocking and
+    prefetching (a row this short is part of one block, and the rows are contiguous): each
+    row sum is W lanes of at most SHORT / W terms, added pairwise."""
+    cdef double acc[W]
+    cdef double G
+    cdef Py_ssize_t r, b, j, nb = n // W
+    cdef const floating* gr
+    cdef const floating* qr
+    for r in range(R):
+        gr = g + r * n
+        qr = q + r * n
+        for j in range(W):
+            acc[j] = 0.0
+        if op == OP_LOG_SOFTMAX_BACKWARD:
+            for b in range(nb):
+                for j in range(W):
+                    acc[j] += gr[b * W + j]
+            for j in range(n - nb * W):
+                acc[j] += gr[nb * W + j]
+        else:
+            for b in range(nb):
+                for j in range(W):
+                    acc[j] += <double>gr[b * W + j] * <double>qr[b * W + j]
+            for j in range(n - nb * W):
+                acc[j] += <double>gr[nb * W + j] * <double>qr[nb * W + j]
+        for j in range(W // 2):
+            acc[j] += acc[j + W // 2]
+        G = 0.0
+        for j in range(W // 2):
+            G += acc[j]
+        row_output(op, qr, gr, out + r * n, n, G, 0.0, 1.0)
 
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
@@ -906,6 +950,10 @@ cdef void run_task(int op, const floating* x, const floating* g, floating* out,
             stats_cols(op, x + o * n * inner + j0, g + o * inner + j0 if per_row_g else g,
                        out + o * inner + j0 if reduced else out + o * n * inner + j0,
                        n, w, inner)
+    elif short_rows and backward:
+        r = t * TILE
+        backward_short_rows(op, g + r * n, x + r * n, out + r * n,
+                            TILE if r + TILE <= outer else outer - r, n)
     elif short_rows:
         r = t * TILE
         stats_short_rows(op, x + r * n, g + r if per_row_g else g,
@@ -924,7 +972,7 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     threads; no parallel region at all for small problems.  For the backward ops x is the
     forward output (y or p) and g the upstream gradient."""
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
-    cdef bint short_rows = inner == 1 and n < SHORT and not backward
+    cdef bint short_rows = inner == 1 and n < SHORT
     cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
     cdef int nt = n_threads(outer * n * inner)
     if nt > 1 and inner == 1 and outer < nt and n >= 2 * SUPER:
