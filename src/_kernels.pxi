@@ -685,6 +685,11 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
+    # float32 log_softmax backward: the sum as hi + lo floats, so that the output is formed in
+    # float arithmetic (no conversions) as exactly as in double, given exp's own rounding
+    cdef float hi = <float>M
+    cdef float lo = <float>(M - hi)
+    cdef float e
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
@@ -694,9 +699,14 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     elif op == OP_LOG_SOFTMAX_BACKWARD:
-        for i in range(n):
-            out[i] = <floating>(g[i] - exp_t(x[i]) * M)
-    elif op == OP_SOFTMAX_BACKWARD:
+        if floating is float:
+            for i in range(n):
+                e = exp_t(x[i])
+                out[i] = (g[i] - e * hi) - e * lo
+        else:
+            for i in range(n):
+                out[i] = g[i] - exp_t(x[i]) * M
+    elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
     else:
@@ -775,20 +785,15 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
 
 
-cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n,
-                             const floating* ahead1, const floating* ahead2,
-                             const floating* ahead_w) noexcept nogil:
-    """The sum of g[0:n] (times q when q is not NULL) in W lanes held in registers; ahead1 and
-    ahead2 [0:n] are prefetched for reading and ahead_w for writing along the way (see
-    block_sumexp)."""
+cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
+    """The sum of g[0:n] (times q when q is not NULL) in W lanes held in registers.  (Software
+    prefetching, as in block_sumexp, made the backward ops slower: the hardware prefetcher
+    keeps up with their cheap loops.)"""
     cdef double acc[W]
     cdef Py_ssize_t b, j, i, nb = n // W
     cdef double t = 0.0
     for j in range(W):
         acc[j] = 0.0
-    for b in range(nb):     # all the prefetches first: with them in the summing loop, the
-        prefetch_group(ahead1 + b * W, ahead_w + b * W)     # compiler does not vectorize it
-        prefetch_group(ahead2 + b * W, ahead2 + b * W)
     if q == NULL:
         for b in range(nb):
             for j in range(W):
@@ -808,26 +813,22 @@ cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n,
     return t
 
 
-cdef double super_rsum(const floating* g, const floating* q, Py_ssize_t n, const floating* ahead1,
-                       const floating* ahead2, const floating* ahead_w) noexcept nogil:
+cdef double super_rsum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
     """The sum of g (times q when q is not NULL) over n <= SUPER elements: blocks of BLOCK
-    summed in lanes, the blocks added with TwoSum.  ahead1, ahead2, ahead_w: to prefetch."""
+    summed in lanes, the blocks added with TwoSum."""
     cdef Py_ssize_t b = 0, bn
     cdef double t = 0.0, c = 0.0
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        two_sum_add(&t, &c, block_sum(g + b, <const floating*>NULL if q == NULL else q + b, bn,
-                                      ahead1 + b, ahead2 + b, ahead_w + b))
+        two_sum_add(&t, &c, block_sum(g + b, <const floating*>NULL if q == NULL else q + b, bn))
         b += BLOCK
     return t + c
 
 
-cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt,
-                    const floating* ahead1, const floating* ahead2,
-                    const floating* ahead_w) noexcept nogil:
+cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt) noexcept nogil:
     """The sum of g (times q when q is not NULL) over a row: superblocks of SUPER summed by
     super_rsum (by nt threads), their sums added in order with TwoSum, so that the result
-    does not depend on nt.  ahead1, ahead2, ahead_w: rows of n to prefetch."""
+    does not depend on nt."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef double t = 0.0, c = 0.0
     cdef double* part = NULL
@@ -836,67 +837,33 @@ cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt,
     if part != NULL:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
             part[k] = super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
-                                 q + k * SUPER, super_len(n, k), g + k * SUPER + BLOCK,
-                                 g + k * SUPER + BLOCK, g + k * SUPER + BLOCK)
+                                 q + k * SUPER, super_len(n, k))
     for k in range(ns):
         two_sum_add(&t, &c, part[k] if part != NULL else
                     super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
-                               q + k * SUPER, super_len(n, k), ahead1 + k * SUPER,
-                               ahead2 + k * SUPER, ahead_w + k * SUPER))
+                               q + k * SUPER, super_len(n, k)))
     free(part)
     return t + c
 
 
 cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
                        Py_ssize_t n, int nt) noexcept nogil:
-    """One row of a log_softmax/softmax backward op, by nt threads (superblock by superblock).
-    While the row's sum is formed, a row that fits in cache fetches what comes next: the
-    inputs of its output pass that the sum did not read, its output, and the next row's
-    inputs (rows are contiguous)."""
-    cdef double G
-    cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
-    if op == OP_LOG_SOFTMAX_BACKWARD:
-        G = row_sum(g, <const floating*>NULL, n, nt, q if ahead else g + BLOCK,
-                    g + n if ahead else g + BLOCK, <const floating*>out if ahead else g + BLOCK)
-    else:
-        G = row_sum(g, q, n, nt, g + n if ahead else g + BLOCK, q + n if ahead else q + BLOCK,
-                    <const floating*>out if ahead else g + BLOCK)
+    """One row of a log_softmax/softmax backward op, by nt threads (superblock by superblock)."""
+    cdef double G = row_sum(g, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else q,
+                            n, nt)
     row_outputs(op, q, g, out, n, G, 0.0, 1.0, nt)
 
 
 cdef void backward_short_rows(int op, const floating* g, const floating* q, floating* out,
                               Py_ssize_t R, Py_ssize_t n) noexcept nogil:
-    """backward_row for R rows of n < SHORT elements, without backward_row's blocking and
-    prefetching (a row this short is part of one block, and the rows are contiguous): each
-    row sum is W lanes of at most SHORT / W terms, added pairwise."""
-    cdef double acc[W]
+    """backward_row for R rows of n < SHORT elements, without its superblocks and threads (a
+    row this short is part of one block)."""
+    cdef Py_ssize_t r
     cdef double G
-    cdef Py_ssize_t r, b, j, nb = n // W
-    cdef const floating* gr
-    cdef const floating* qr
     for r in range(R):
-        gr = g + r * n
-        qr = q + r * n
-        for j in range(W):
-            acc[j] = 0.0
-        if op == OP_LOG_SOFTMAX_BACKWARD:
-            for b in range(nb):
-                for j in range(W):
-                    acc[j] += gr[b * W + j]
-            for j in range(n - nb * W):
-                acc[j] += gr[nb * W + j]
-        else:
-            for b in range(nb):
-                for j in range(W):
-                    acc[j] += <double>gr[b * W + j] * <double>qr[b * W + j]
-            for j in range(n - nb * W):
-                acc[j] += <double>gr[nb * W + j] * <double>qr[nb * W + j]
-        for j in range(W // 2):
-            acc[j] += acc[j + W // 2]
-        G = 0.0
-        for j in range(W // 2):
-            G += acc[j]
-        row_output(op, qr, gr, out + r * n, n, G, 0.0, 1.0)
+        G = block_sum(g + r * n, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else
+                      q + r * n, n)
+        row_output(op, q + r * n, g + r * n, out + r * n, n, G, 0.0, 1.0)
 
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
