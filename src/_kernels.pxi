@@ -110,7 +110,8 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
-    KEEP_BYTES = 262144   # softmax rows up to this size keep their exps (they stay in cache)
+    KEEP_BYTES = 1048576  # softmax rows up to this size keep their exps (they stay in cache)
+    KEEP_SUPER = 2        # superblocks of such a row, at most: KEEP_BYTES / (SUPER * 4)
     AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
     RUN64 = 8         # float64: groups of W (row kernels) or rows (column kernels) summed
@@ -457,7 +458,7 @@ cdef double super_stats(const floating* x, Py_ssize_t n, double* m, double* coun
 
 
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
-                    int nt, floating* store, const floating* ahead,
+                    int nt, floating* store, double* scale, const floating* ahead,
                     const floating* ahead_w) noexcept nogil:
     """M: max of the row (NaN ignored); with t the sum of exp(x - M) over the elements other
     than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t.
@@ -465,9 +466,10 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     maximum m, count and sum (one pass over memory: blocks of BLOCK summed in lanes, blocks
     added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
     m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
-    for any number of threads nt.  When store is not NULL (a row of one superblock) and M is
-    finite, exp(x - M) is stored there (for softmax: no second exp).  ahead, ahead_w: rows of
-    n to prefetch (block_sumexp)."""
+    for any number of threads nt.  When store is not NULL (nt == 1) and M is finite,
+    exp(x - m) is stored there, with m the maximum of each superblock, and exp(m - M) in
+    scale[k] for superblock k (0 where m is -inf: nothing was stored there); softmax then
+    needs no second exp.  ahead, ahead_w: rows of n to prefetch (block_sumexp)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
@@ -512,8 +514,12 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
             if m_k == mx:
                 ones += ones_k
                 two_sum_add(&t, &c, sum_k)
+                if scale != NULL:
+                    scale[k] = 1.0
             else:               # m_k < mx: exp(m_k - mx) is 0 for -inf, NaN stays NaN
                 two_sum_add(&t, &c, (ones_k + sum_k) * exp_diff[double](m_k, mx))
+                if scale != NULL:
+                    scale[k] = exp_diff[double](m_k, mx)
         t += c
         L[0] = log1p((ones - 1.0) + t)
         S[0] = ones + t
@@ -581,10 +587,12 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     Py_ssize_t n, int nt) noexcept nogil:
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
     nt threads work on this one row (superblock by superblock)."""
-    cdef double M, L, S
-    cdef Py_ssize_t k
+    cdef double M, L, S, f
+    cdef double scale[KEEP_SUPER]
+    cdef Py_ssize_t k, i, ns = (n + SUPER - 1) // SUPER
+    cdef floating* o
     # softmax of a row that stays in cache: keep the exps of the sum pass in out
-    cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES
+    cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES and nt == 1
     # a row that fits in cache fetches the next row (rows are contiguous), and the output it
     # writes next: its own, or with keep the next row's (its own is written right away)
     cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
@@ -592,10 +600,18 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     if ahead and op != OP_LOGSUMEXP:
         ahead_w = out + n if keep else out
     row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL,
+              &scale[0] if keep else <double*>NULL,
               x + n if ahead else x + BLOCK, ahead_w)
     if keep and -INFINITY < M < INFINITY:
-        for k in range(n):
-            out[k] = normalize(out[k], S, 1.0 / S)
+        for k in range(ns):     # exp(x - m) * exp(m - M) / S (float64 rows have ns == 1)
+            o = out + k * SUPER
+            f = scale[k] / S
+            if scale[k] == 0.0:     # m == -inf: nothing was stored; or the terms underflow
+                for i in range(super_len(n, k)):
+                    o[i] = 0.0
+            else:
+                for i in range(super_len(n, k)):
+                    o[i] = normalize(o[i], S, f)
     elif op == OP_LOGSUMEXP:
         row_output(op, x, g, out, n, M, L, S)
     else:

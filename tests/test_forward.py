@@ -105,6 +105,37 @@ def test_against_high_precision_reference(lsm, dtype):
     assert_ulp_close(p, r, dtype, 4, rel_extra=eps(dtype) * np.abs(np.log(r.astype(np.float64))))
 
 
+@pytest.mark.parametrize("case", ["max in second", "first all -inf", "first underflows",
+                                  "first subnormal", "nan", "inf"])
+def test_softmax_rows_of_two_superblocks(lsm, case):
+    """float32 softmax rows of up to 1 MB keep the exps of their sum pass, each superblock
+    (131072 elements) relative to its own maximum, and rescale them: the maximum in the second
+    superblock, a first superblock of -inf (nothing stored there), one whose terms underflow
+    or give subnormal results, and NaN / inf rows that fall back to the plain path."""
+    n = 200_000
+    x = data((2, n), np.float32, seed=11, scale=3)
+    x[:, 150_000] = 20.0
+    if case == "first all -inf":
+        x[:, :131072] = -np.inf
+    elif case == "first underflows":
+        x[:, :131072] -= 300.0
+    elif case == "first subnormal":
+        x[:, :131072] -= 100.0
+    elif case == "nan":
+        x[1, 5] = np.nan
+    elif case == "inf":
+        x[1, 5] = np.inf
+    p = lsm.softmax(x)
+    rows = 1 if case in ("nan", "inf") else 2       # row 1 is then special: scipy's values
+    if rows == 1:
+        with np.errstate(all="ignore"):
+            assert_array_equal(p[1], scipy.special.softmax(x[1].astype(np.float64)))
+    r = ref_softmax(x[:rows])
+    log_r = np.log(np.maximum(r.astype(np.float64), 1e-300))
+    assert_ulp_close(p[:rows], r, np.float32, 4, rel_extra=eps(np.float32) * np.abs(log_r))
+    assert_array_equal(lsm.softmax(x, out=np.full_like(x, np.nan)), p)
+
+
 @pytest.mark.parametrize("name", FORWARD)
 @pytest.mark.parametrize(
     "dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint64, np.bool_]
