@@ -264,10 +264,6 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
-def _contiguous(a: Any) -> bool:
-    return type(a) is np.ndarray and a.flags.c_contiguous and a.dtype.char in "fd"
-
-
 def _is_last(axis: Any) -> bool:
     """Is ``axis`` the plain int -1, the shortcut's case?  (``axis == -1`` would also let -1.0
     through unchecked, and fail unclearly for an array.)  Anything else takes the general path,
@@ -277,13 +273,9 @@ def _is_last(axis: Any) -> bool:
 
 def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None, g: Any = None) -> Any:
     """The kernels' shortcut for C-contiguous float32/float64 ndarrays (x, and g for the
-    backward ops) and a C-contiguous writable ``out``; None when it does not apply."""
-    if _contiguous(x) and (g is None or _contiguous(g)) and (
-        out is None
-        or (type(out) is np.ndarray and out.flags.c_contiguous and out.flags.writeable)
-    ):
-        return _K.fast(_K.OPS[op], x, all_axes, out, g)
-    return None
+    backward ops) and a C-contiguous writable ``out``; None when it does not apply (the
+    kernels check)."""
+    return _K.fast(_K.OPS[op], x, all_axes, out, g)
 
 
 def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,

@@ -26,8 +26,8 @@ from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport malloc, free
-from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS,
-                             PyBUF_FORMAT, PyBUF_WRITABLE)
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_IsContiguous,
+                             PyBUF_FORMAT, PyBUF_STRIDES)
 
 import numpy
 
@@ -110,7 +110,8 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
-    KEEP_BYTES = 1048576  # softmax rows up to this size keep their exps (they stay in cache)
+    KEEP_BYTES = 1048576  # softmax and logsumexp_backward rows up to this size keep the exps
+                          # of their sum pass (they stay in cache)
     KEEP_SUPER = 2        # superblocks of such a row, at most: KEEP_BYTES / (SUPER * 4)
     AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
@@ -121,6 +122,7 @@ cdef enum:
     TILE = 16
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
+    GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
 
 
 cdef extern from "cylsm_cpu.h":
@@ -591,8 +593,10 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     cdef double scale[KEEP_SUPER]
     cdef Py_ssize_t k, i, ns = (n + SUPER - 1) // SUPER
     cdef floating* o
-    # softmax of a row that stays in cache: keep the exps of the sum pass in out
-    cdef bint keep = op == OP_SOFTMAX and n * sizeof(floating) <= KEEP_BYTES and nt == 1
+    # softmax (or its multiple, logsumexp_backward) of a row that stays in cache: keep the
+    # exps of the sum pass in out
+    cdef bint keep = ((op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD)
+                      and n * sizeof(floating) <= KEEP_BYTES and nt == 1)
     # a row that fits in cache fetches the next row (rows are contiguous), and the output it
     # writes next: its own, or with keep the next row's (its own is written right away)
     cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
@@ -603,15 +607,18 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
               &scale[0] if keep else <double*>NULL,
               x + n if ahead else x + BLOCK, ahead_w)
     if keep and -INFINITY < M < INFINITY:
-        for k in range(ns):     # exp(x - m) * exp(m - M) / S (float64 rows have ns == 1)
+        for k in range(ns):     # exp(x - m) * exp(m - M) / S (times g for logsumexp_backward)
             o = out + k * SUPER
-            f = scale[k] / S
+            f = scale[k] / S if op == OP_SOFTMAX else scale[k] * (g[0] / S)
             if scale[k] == 0.0:     # m == -inf: nothing was stored; or the terms underflow
                 for i in range(super_len(n, k)):
                     o[i] = 0.0
-            else:
+            elif op == OP_SOFTMAX:  # (float64 rows have ns == 1, scale[0] == 1)
                 for i in range(super_len(n, k)):
                     o[i] = normalize(o[i], S, f)
+            else:
+                for i in range(super_len(n, k)):
+                    o[i] = <floating>(o[i] * f)
     elif op == OP_LOGSUMEXP:
         row_output(op, x, g, out, n, M, L, S)
     else:
@@ -983,6 +990,7 @@ OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOG
        "logsumexp_backward": OP_LOGSUMEXP_BACKWARD}
 _empty = numpy.empty
 _empty_like = numpy.empty_like
+_ndarray = numpy.ndarray
 
 
 cdef bint same_layout(Py_buffer* a, Py_buffer* b) noexcept:
@@ -1018,14 +1026,15 @@ cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes) noexcept:
 
 
 def fast(int op, x, bint all_axes=False, out=None, g=None):
-    """op (a value of OPS) of ``x``, a C-contiguous array, into ``out`` (None: a new array; else
-    a C-contiguous writable array).  For the log_softmax/softmax backward ops x is the forward
-    output (y or p) and g the upstream gradient, of x's shape; for logsumexp_backward x is the
-    forward input and g has the shape of the logsumexp (all_axes: of x reduced over all of it).
-    Returns None when the shortcut does not apply: x not a native float32/float64 buffer with
-    at least one element, g or out not of the expected shape and format, or out overlapping an
-    input without being it (the caller then takes the general path, which handles all of
-    these)."""
+    """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array).
+    For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
+    upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
+    the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
+    shortcut does not apply: x, g or out not an ndarray or not C-contiguous, x not native
+    float32/float64 with at least one element, g or out not of the expected shape and format,
+    out read-only, or out overlapping an input without being it (the caller then takes the
+    general path, which handles all of these).  Tiny arrays keep the GIL: releasing it costs
+    more than their work."""
     cdef Py_buffer bx, bo, bg
     cdef Py_ssize_t n, rows
     cdef char kind
@@ -1033,16 +1042,27 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint lse_backward = op == OP_LOGSUMEXP_BACKWARD
     cdef bint have_g = False
-    PyObject_GetBuffer(x, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    if (type(x) is not _ndarray or (out is not None and type(out) is not _ndarray)
+            or ((backward or lse_backward) and type(g) is not _ndarray)):
+        return None
+    try:
+        PyObject_GetBuffer(x, &bx, PyBUF_STRIDES | PyBUF_FORMAT)
+    except ValueError:          # dtypes without a buffer format (datetime64)
+        return None
     bg.buf = NULL
     try:
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
-        if bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d"):
+        if (bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d")
+                or not PyBuffer_IsContiguous(&bx, b"C")):
             return None
         if backward or lse_backward:
-            PyObject_GetBuffer(g, &bg, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+            try:
+                PyObject_GetBuffer(g, &bg, PyBUF_STRIDES | PyBUF_FORMAT)
+            except ValueError:
+                return None
             have_g = True
-            if not (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes)):
+            if not (PyBuffer_IsContiguous(&bg, b"C") and
+                    (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes))):
                 return None
         n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
@@ -1051,9 +1071,14 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
             result = _empty(() if all_axes else x.shape[:-1], x.dtype)
         elif out is None:
             result = _empty_like(x)
-        PyObject_GetBuffer(result, &bo, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT)
+        try:
+            PyObject_GetBuffer(result, &bo, PyBUF_STRIDES | PyBUF_FORMAT)
+        except ValueError:
+            return None
         try:
             if out is not None:
+                if bo.readonly or not PyBuffer_IsContiguous(&bo, b"C"):
+                    return None
                 if op == OP_LOGSUMEXP:
                     ok = reduces(&bo, &bx, all_axes) and not touch(&bo, &bx)
                 else:
@@ -1062,12 +1087,18 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
                     ok = ok and not (lse_backward and touch(&bo, &bg))
                 if not ok:          # the general path validates, and copies on overlap
                     return None
-            with nogil:
-                if kind == b"f":
-                    run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
-                else:
-                    run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
-                        rows, n, 1)
+            if bx.len <= GIL_BYTES and kind == b"f":
+                run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
+            elif bx.len <= GIL_BYTES:
+                run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows, n, 1)
+            else:
+                with nogil:
+                    if kind == b"f":
+                        run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
+                            rows, n, 1)
+                    else:
+                        run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
+                            rows, n, 1)
         finally:
             PyBuffer_Release(&bo)
         if out is None and op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):

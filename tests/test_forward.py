@@ -10,6 +10,7 @@ import scipy.special
 from numpy.testing import assert_allclose, assert_array_equal
 
 from _reference import (
+    assert_lse_backward_close,
     assert_lse_close,
     LD,
     assert_ulp_close,
@@ -18,6 +19,7 @@ from _reference import (
     ref_logsumexp,
     ref_softmax,
     reduced_shape,
+    same_special,
     scipy_ref,
 )
 
@@ -134,6 +136,14 @@ def test_softmax_rows_of_two_superblocks(lsm, case):
     log_r = np.log(np.maximum(r.astype(np.float64), 1e-300))
     assert_ulp_close(p[:rows], r, np.float32, 4, rel_extra=eps(np.float32) * np.abs(log_r))
     assert_array_equal(lsm.softmax(x, out=np.full_like(x, np.nan)), p)
+    # logsumexp_backward is g times the softmax and keeps its exps the same way
+    g = np.array([1.5, -0.25], np.float32)
+    d = lsm.logsumexp_backward(g, x, axis=-1, out=np.full_like(x, np.nan))
+    assert_lse_backward_close(d[:rows], g[:rows], x[:rows], axis=-1)
+    if rows == 1:       # against float64 rows, too long to keep their exps
+        with np.errstate(all="ignore"):
+            same_special(d[1], lsm.logsumexp_backward(g[1:].astype(np.float64),
+                                                      x[1:].astype(np.float64), axis=-1)[0])
 
 
 @pytest.mark.parametrize("name", FORWARD)
