@@ -34,7 +34,7 @@ import numpy
 cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp(double x) noexcept
     double cylsm_two_diff(double a, double b, double* lo) noexcept
-    float cylsm_expf(float x) noexcept
+    double cylsm_expf_wide(float x) noexcept
     double cylsm_exp_nonpos(double x, double lo) noexcept
     float cylsm_expf_nonpos(float x, float lo) noexcept
     float cylsm_two_difff(float a, float b, float* lo) noexcept
@@ -62,10 +62,11 @@ cdef inline floating exp_diff(floating a, floating b) noexcept nogil:
         return cylsm_exp_nonpos(d, lo)
 
 
-cdef inline floating exp_t(floating a) noexcept nogil:
-    """exp(a) in the precision of the data."""
+cdef inline double exp_wide(floating a) noexcept nogil:
+    """exp(a) as a double, as accurate as the data's precision (float data: float arithmetic,
+    without float's underflow and overflow; see cylsm_expf_wide)."""
     if floating is float:
-        return cylsm_expf(a)
+        return cylsm_expf_wide(a)
     else:
         return cylsm_exp(a)
 
@@ -541,9 +542,12 @@ cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
     cdef double part[JB]
     cdef double comp[JB]
     cdef double ones[JB]
-    cdef Py_ssize_t j
-    panel_max(x, n, w, s, m, ones)
-    panel_sumexp(x, n, w, s, m, tot, part, comp)
+    if w == JB:     # a constant width: the compiler keeps the panel's lanes in registers
+        panel_max(x, n, JB, s, m, ones)
+        panel_sumexp(x, n, JB, s, m, tot, part, comp)
+    else:
+        panel_max(x, n, w, s, m, ones)
+        panel_sumexp(x, n, w, s, m, tot, part, comp)
     finish_stats(x, n, w, s, m, ones, tot, M, L, S)
 
 
@@ -708,11 +712,6 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
-    # float32 log_softmax backward: the sum as hi + lo floats, so that the output is formed in
-    # float arithmetic (no conversions) as exactly as in double, given exp's own rounding
-    cdef float hi = <float>M
-    cdef float lo = <float>(M - hi)
-    cdef float e
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
@@ -721,14 +720,9 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             out[i] = normalize(exp_diff(x[i], <floating>M), S, R)
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
-    elif op == OP_LOG_SOFTMAX_BACKWARD:
-        if floating is float:
-            for i in range(n):
-                e = exp_t(x[i])
-                out[i] = (g[i] - e * hi) - e * lo
-        else:
-            for i in range(n):
-                out[i] = g[i] - exp_t(x[i]) * M
+    elif op == OP_LOG_SOFTMAX_BACKWARD:     # in double, rounded once
+        for i in range(n):
+            out[i] = <floating>(g[i] - exp_wide(x[i]) * M)
     elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
@@ -772,9 +766,7 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
     cdef double M[JB]
     cdef double L[JB]
     cdef double S[JB]
-    cdef Py_ssize_t i, j
-    cdef const floating* xr
-    cdef floating* orow
+    cdef Py_ssize_t j
     cdef double R[JB]
     col_stats(x, n, w, s, M, L, S)
     if op == OP_LOGSUMEXP:
@@ -791,6 +783,19 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
                 M[j] = 0.0
             if floating is float:
                 S[j] = S[j] * cylsm_exp(-L[j])
+    if w == JB:     # a constant width, as in col_stats
+        panel_output(op, x, out, n, JB, s, M, L, S, R)
+    else:
+        panel_output(op, x, out, n, w, s, M, L, S, R)
+
+
+cdef inline void panel_output(int op, const floating* x, floating* out, Py_ssize_t n,
+                              Py_ssize_t w, Py_ssize_t s, const double* M, const double* L,
+                              const double* S, const double* R) noexcept nogil:
+    """The output pass of stats_cols (logsumexp_backward: S holds the gradients)."""
+    cdef Py_ssize_t i, j
+    cdef const floating* xr
+    cdef floating* orow
     for i in range(n):
         xr = x + i * s
         orow = out + i * s
@@ -894,19 +899,32 @@ cdef void backward_cols(int op, const floating* g, const floating* q, floating* 
     cdef double tot[JB]
     cdef double part[JB]
     cdef double comp[JB]
+    cdef const floating* q_sum = q         # what the sums multiply g by (NULL: nothing)
+    if op == OP_LOG_SOFTMAX_BACKWARD:
+        q_sum = NULL
+    if w == JB:     # a constant width, as in col_stats
+        panel_sum(g, q_sum, n, JB, s, tot, part, comp)
+        panel_grad_output(op, g, q, out, n, JB, s, tot)
+    else:
+        panel_sum(g, q_sum, n, w, s, tot, part, comp)
+        panel_grad_output(op, g, q, out, n, w, s, tot)
+
+
+cdef inline void panel_grad_output(int op, const floating* g, const floating* q, floating* out,
+                                   Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                                   const double* tot) noexcept nogil:
+    """The output pass of backward_cols, tot holding the column sums."""
     cdef Py_ssize_t i, j
     cdef const floating* gr
     cdef const floating* qr
     cdef floating* orow
-    panel_sum(g, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else q, n, w, s,
-              tot, part, comp)
     for i in range(n):
         gr = g + i * s
         qr = q + i * s
         orow = out + i * s
         if op == OP_LOG_SOFTMAX_BACKWARD:
             for j in range(w):
-                orow[j] = <floating>(gr[j] - exp_t(qr[j]) * tot[j])
+                orow[j] = <floating>(gr[j] - exp_wide(qr[j]) * tot[j])
         else:
             for j in range(w):
                 orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))

@@ -67,40 +67,44 @@ static inline double cylsm_exp(double x)
     return kd < -1600.0 ? 0.0 : e;                   /* NaN compares false throughout: kept */
 }
 
-/* The same design in single precision, for float32 data: twice the lanes per vector.  The
- * Taylor series to degree 7 truncates below 2^-27; about 0.6 ulp; B = 64; x > 88.8 gives
- * +inf, x below about -130 gives +0. */
 typedef union { float f; uint32_t u; } cylsm_bits32;
 
-static inline float cylsm_expf(float x)
+/* exp(x) of a float x as a double, for float32 data whose exps are factors of a product
+ * formed in double: the design of cylsm_exp in single precision (twice the lanes; the Taylor
+ * series to degree 7 truncates below 2^-27; about 0.6 float ulp), with 2^k applied in double,
+ * where it is exact.  So the result is that accurate all the way down, where a float result
+ * below 2^-126 would be rounded to the float subnormal grid (and a product formed from it
+ * many of its spacings off), and above float's range it stays finite.  Below 2^-1022
+ * (x < -708) it is 0: such a factor times any float-sized number is below float's smallest
+ * subnormal.  (LN2_HI's 15 bits keep k*LN2_HI exact for |k| < 512, |x| < 354; beyond, where
+ * it may not be, every product with a float-sized factor leaves float's range anyway.) */
+static inline double cylsm_expf_wide(float x)
 {
     const float shifter = 0x1.8p23f;
     const float log2e = 0x1.715476p0f;
-    const float ln2_hi = 0x1.62e4p-1f;               /* 15 significant bits */
+    const float ln2_hi = 0x1.62e4p-1f;
     const float ln2_lo = 0x1.7f7d1cp-20f;
 
-    cylsm_bits32 kb, s1, s2;
     float kd = x * log2e + shifter;
-    kb.f = kd;
     kd -= shifter;
     float r = (x - kd * ln2_hi) - kd * ln2_lo;
-    uint32_t bias = kd > 0.0f ? 127u - 64u : 127u + 64u;
-    s1.u = (kb.u << 23) + (bias << 23);
-    s2.u = (254u - bias) << 23;
-
     float r2 = r * r;
     float r4 = r2 * r2;
-    float a0 = 0x1.0p-1f + r * 0x1.555556p-3f;       /* 1/2!, 1/3! */
-    float a1 = 0x1.555556p-5f + r * 0x1.111112p-7f;  /* 1/4!, 1/5! */
-    float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f; /* 1/6!, 1/7! */
+    float a0 = 0x1.0p-1f + r * 0x1.555556p-3f;
+    float a1 = 0x1.555556p-5f + r * 0x1.111112p-7f;
+    float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f;
     float q = (a0 + r2 * a1) + r4 * a2;
     float y = 1.0f + (r + r2 * q);
-    float e = (y * s1.f) * s2.f;
-    e = x > 88.8f ? (float)INFINITY : e;
-    return kd < -188.0f ? 0.0f : e;
+
+    cylsm_bits kb, s;
+    kb.d = (double)kd + 0x1.8p52;                    /* k in the low bits, as in cylsm_exp */
+    s.u = (kb.u << 52) + ((uint64_t)1023 << 52);     /* 2^k, normal for -1022 <= k <= 1023 */
+    double e = (double)y * s.d;
+    e = x > 709.0f ? (double)INFINITY : e;
+    return kd < -1022.0f ? 0.0 : e;                  /* NaN compares false throughout: kept */
 }
 
-/* exp(x + lo) for x <= 0 (or NaN), cheaper than cylsm_exp / cylsm_expf: every exp of a
+/* exp(x + lo) for x <= 0 (or NaN), cheaper than cylsm_exp / cylsm_expf_wide: every exp of a
  * shifted row, exp(x - max), has such an argument; lo is a correction far below ulp(x),
  * typically the rounding error of the difference that produced x (see cylsm_two_diff): it
  * joins the reduced argument r, so exp(a - b) comes out as accurate as if a - b were exact.

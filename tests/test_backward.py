@@ -487,3 +487,27 @@ def test_weighted_logsumexp_backward_nan_row(lsm):
     assert np.isnan(dx[0]).all()
     assert np.isnan(dx[1, 0]) and dx[1, 1] == 0
     assert np.isnan(plain).all()
+
+
+def test_regression_subnormal_exp_factor_float32(lsm):
+    """Found by test_hypothesis: float32 log_softmax_backward took exp(y) in float, so an exp
+    below 2^-126 was rounded to the subnormal grid before the product with sum(grad) (here
+    exp(-102) * 5, two spacings off).  exp(y) is now a double, the product rounded once."""
+    x = np.array([[0, 0, 0], [0, 9246, 9348]], np.float32)
+    g = np.array([[1, 1, 1], [1, 0, 1]], np.float32)
+    y = lsm.log_softmax(x, axis=None)
+    dx = lsm.log_softmax_backward(g, y, axis=None)
+    ref = ref_log_softmax_backward(g, y, axis=None)
+    spacing = float(np.finfo(np.float32).smallest_subnormal)
+    assert np.all(np.abs(dx.astype(LD) - ref) <= 4 * eps(np.float32) * np.abs(ref) + spacing)
+
+
+def test_regression_exp_factor_beyond_float_range(lsm):
+    """exp(y) above float's range times a zero sum(grad) is 0, as in float64 (it was inf * 0,
+    NaN, in float32)."""
+    for dtype in (np.float32, np.float64):
+        g = np.array([[1.0, -1.0]], dtype)
+        y = np.array([[100.0, 0.0]], dtype)
+        with no_warnings():
+            assert_array_equal(lsm.log_softmax_backward(g, y), g)
+
