@@ -36,7 +36,8 @@ cdef extern from "cylsm_exp.h" nogil:
     double cylsm_two_diff(double a, double b, double* lo) noexcept
     double cylsm_expf_wide(float x) noexcept
     double cylsm_exp_nonpos(double x, double lo) noexcept
-    float cylsm_expf_nonpos(float x, float lo) noexcept
+    float cylsm_expf_nonpos_scaled(float x, float lo) noexcept
+    const double CYLSM_UNSCALE     # 2^-64
     float cylsm_two_difff(float a, float b, float* lo) noexcept
     int32_t cylsm_key32(float x) noexcept
     float cylsm_unkey32(int32_t k) noexcept
@@ -49,17 +50,39 @@ ctypedef fused floating:
     double
 
 
-cdef inline floating exp_diff(floating a, floating b) noexcept nogil:
-    """exp(a - b) for a <= b (or NaN), in the precision of the data, with a - b formed exactly:
-    its rounding would otherwise cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below
-    the maximum)."""
+cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
+    """exp(a - b) for a <= b (or NaN), with a - b formed exactly: its rounding would otherwise
+    cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum).  Scaled: for
+    float data times 2^64 (never subnormal, see cylsm_expf_nonpos_scaled), to be unscaled by
+    wide() or narrow()."""
     cdef floating lo, d
     if floating is float:
         d = cylsm_two_difff(a, b, &lo)
-        return cylsm_expf_nonpos(d, lo)
+        return cylsm_expf_nonpos_scaled(d, lo)
     else:
         d = cylsm_two_diff(a, b, &lo)
         return cylsm_exp_nonpos(d, lo)
+
+
+cdef inline double wide(floating e) noexcept nogil:
+    """An exp_diff_s result as a double (exact)."""
+    if floating is float:
+        return <double>e * CYLSM_UNSCALE
+    else:
+        return e
+
+
+cdef inline floating narrow(floating e) noexcept nogil:
+    """An exp_diff_s result in the data type (float: rounded once)."""
+    if floating is float:
+        return e * <float>CYLSM_UNSCALE
+    else:
+        return e
+
+
+cdef inline double exp_diff(floating a, floating b) noexcept nogil:
+    """exp(a - b) as a double (see exp_diff_s)."""
+    return wide(exp_diff_s(a, b))
 
 
 cdef inline double exp_wide(floating a) noexcept nogil:
@@ -218,7 +241,8 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     cdef Py_ssize_t k, k0, k1, j
     cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef const floating* row
-    cdef floating v, e
+    cdef floating v
+    cdef double e
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
@@ -372,7 +396,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     cdef double comp[W]
     cdef Py_ssize_t g, g0, g1, j, i, ng = n // W
     cdef Py_ssize_t run = RUN64 if floating is double else BLOCK // W
-    cdef floating v, e
+    cdef floating v
+    cdef double e
+    cdef floating es
     cdef double t = 0.0, c = 0.0
     for j in range(W):
         tot[j] = 0.0
@@ -394,9 +420,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 prefetch_group(ahead + g * W, ahead_w + g * W)
                 for j in range(W):
                     v = x[g * W + j]
-                    e = exp_diff(v, mx)
-                    store[g * W + j] = e
-                    acc[j] = acc[j] if v == mx else acc[j] + e
+                    es = narrow(exp_diff_s(v, mx))     # the sum of a stored row adds
+                    store[g * W + j] = es               # the stored terms: only S = c + t
+                    acc[j] = acc[j] if v == mx else acc[j] + es     # >= 1 is used
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         g0 = g1
@@ -410,7 +436,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
             two_sum_add(&tot[j], &comp[j], acc[j])
         if store != NULL:
             for i in range(ng * W, n):
-                store[i] = exp_diff(x[i], mx)
+                store[i] = narrow(exp_diff_s(x[i], mx))
     for j in range(W):
         two_sum_add(&t, &c, tot[j])
         c += comp[j]
@@ -579,10 +605,10 @@ cdef enum:
     OP_SOFTMAX_BACKWARD       # out = q * (g - sum(g * q))
 
 
-cdef inline floating normalize(floating e, double S, double R) noexcept nogil:
-    """e / S in the data type.  float32 data multiplies by R = 1/S in double: the product is
-    within 2^-52 of the quotient, far below float32's rounding, and a division costs several
-    times more.  float64 data divides."""
+cdef inline floating normalize(double e, double S, double R, floating kind) noexcept nogil:
+    """e / S in the data type (that of kind, whose value is not used).  float32 data
+    multiplies by R = 1/S in double: the product is within 2^-52 of the quotient, far below
+    float32's rounding, and a division costs several times more.  float64 data divides."""
     if floating is float:
         return <float>(e * R)
     else:
@@ -619,7 +645,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     o[i] = 0.0
             elif op == OP_SOFTMAX:  # (float64 rows have ns == 1, scale[0] == 1)
                 for i in range(super_len(n, k)):
-                    o[i] = normalize(o[i], S, f)
+                    o[i] = normalize(o[i], S, f, o[0])
             else:
                 for i in range(super_len(n, k)):
                     o[i] = <floating>(o[i] * f)
@@ -717,7 +743,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:
         for i in range(n):
-            out[i] = normalize(exp_diff(x[i], <floating>M), S, R)
+            out[i] = normalize(exp_diff(x[i], <floating>M), S, R, x[0])
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     elif op == OP_LOG_SOFTMAX_BACKWARD:     # in double, rounded once
@@ -804,7 +830,7 @@ cdef inline void panel_output(int op, const floating* x, floating* out, Py_ssize
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
         elif op == OP_SOFTMAX:
             for j in range(w):
-                orow[j] = normalize(exp_diff(xr[j], <floating>M[j]), S[j], R[j])
+                orow[j] = normalize(exp_diff(xr[j], <floating>M[j]), S[j], R[j], xr[0])
         elif floating is float:     # S[j] holds grad * exp(-L), see above
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff(xr[j], <floating>M[j]))

@@ -149,7 +149,16 @@ static inline double cylsm_exp_nonpos(double x, double lo)
     return kd < -1600.0 ? 0.0 : e;
 }
 
-static inline float cylsm_expf_nonpos(float x, float lo)
+/* exp(x + lo) * 2^64 for a float x <= 0: cylsm_exp_nonpos in single precision, without the
+ * final scaling by 2^-64.  2^(k + 64) is normal for k >= -190, so the scaled result is never
+ * subnormal: the caller unscales it in double (exactly: float32 rows sum their terms in
+ * double, and no term is rounded to float's subnormal grid, which would put the log1p of a
+ * sum of many terms below 2^-126 many spacings off) or in float (rounded once, a float
+ * exp).  0 where kd < -188 (x below about -130), terms that are nothing next to the 1 of the
+ * maximum. */
+#define CYLSM_UNSCALE 0x1p-64
+
+static inline float cylsm_expf_nonpos_scaled(float x, float lo)
 {
     const float shifter = 0x1.8p23f;
     const float log2e = 0x1.715476p0f;
@@ -170,8 +179,7 @@ static inline float cylsm_expf_nonpos(float x, float lo)
     float a2 = 0x1.6c16c2p-10f + r * 0x1.a01a02p-13f;
     float q = (a0 + r2 * a1) + r4 * a2;
     float y = 1.0f + (r + r2 * q);
-    float e = (y * s1.f) * 0x1p-64f;
-    return kd < -188.0f ? 0.0f : e;
+    return kd < -188.0f ? 0.0f : y * s1.f;            /* NaN compares false: kept */
 }
 
 /* log1p(t) for t >= 0 (or NaN, +inf), branch-free so that a loop over many rows' sums

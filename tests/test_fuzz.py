@@ -225,17 +225,17 @@ def signed_sums_agree(results, x, b, axis, dtype):
 
 
 def compare_rows(name, a, b, dtype, axis):
-    """compare_backends for log_softmax/softmax, plus n subnormal spacings absolute: float32
-    kernels form each exp(x - M) in float32, so a term below 2^-126 carries up to half a
-    subnormal spacing of absolute error, and n of them can add up (a column [0, -96 x 62]
-    put the largest log_softmax, about -1.26e-40, 27 spacings from the Python backend's).
-    (While the compiled kernels summed 128 equal terms per lane plainly, this allowed
-    n * eps * |L| more; test_regression_equal_terms_sum keeps that fixed.)"""
+    """compare_backends for log_softmax/softmax, plus subnormal spacings absolute: two for
+    float32 (its terms are summed in double, none rounded to float's subnormal grid: since
+    test_regression_subnormal_terms_float32), n for float64, whose terms below 2^-1022 are
+    rounded to the double subnormal grid in both backends, each its own way.  (While the
+    compiled kernels summed 128 equal terms per lane plainly, this allowed n * eps * |L| more;
+    test_regression_equal_terms_sum keeps that fixed.)"""
     a, b = np.asarray(a), np.asarray(b)
     if a.size == 0:
         return compare_backends(name, a, b, dtype)
     same_special(a, b)
-    sub = a.size * float(np.finfo(dtype).smallest_subnormal)
+    sub = (2 if dtype == np.float32 else a.size) * float(np.finfo(dtype).smallest_subnormal)
     if name == "log_softmax":
         assert_ulp_close(a, b, dtype, 8, abs_extra=sub)
     else:
@@ -433,9 +433,9 @@ def check_backward(data, backends):
             ref = ref_log_softmax_backward(g, y, axis=axis if x.ndim else None, where=where)
             with quiet():
                 scale = gl + np.exp(np.asarray(y, LD)) * np.sum(gl, axis=axes, keepdims=True)
-            # float32 computes exp(y) in float32: a subnormal exp(y) is off by up to half a
-            # subnormal spacing, times sum(grad)
-            sub = (2 + np.sum(gl, axis=axes, keepdims=True)) * floor
+            # exp(y) is a double for float32 too (test_regression_subnormal_exp_factor_float32);
+            # float64's is rounded to the subnormal grid below 2^-1022, times sum(grad)
+            sub = (2 + (0 if rdt == np.float32 else np.sum(gl, axis=axes, keepdims=True))) * floor
             assert np.all(np.abs(r.astype(LD) - ref) <= (16 + nrow) * e * scale + sub), bname
         elif name == "softmax_backward":
             ref = ref_softmax_backward(g, p, axis=axis if x.ndim else None, where=where)
@@ -446,7 +446,7 @@ def check_backward(data, backends):
             # 16 ulp: the logsumexp inside is within SPEC (test_regression_equal_terms_sum
             # below), exp(x - M - L) adds a few ulp
             # (as _reference.assert_lse_backward_close, plus a subnormal floor per unit of grad:
-            # float32 forms exp(x - M) in float32, so subnormal terms carry absolute error)
+            # rows that keep their exps store them in the data type, subnormal ones rounded)
             ref = ref_logsumexp_backward(g, x, axis=axis, keepdims=keepdims, b=b, where=where)
             ones = np.ones(gshape)
             w1 = ref_logsumexp_backward(ones, x, axis=axis, keepdims=keepdims, b=b, where=where)
@@ -534,9 +534,10 @@ def test_regression_scipy_sums_along_axis0(lsm, name, shape, top):
 
 def test_regression_subnormal_terms_float32():
     """Found by the fuzzer (CI): a column [0, -96 x 62] reduced in float32.  exp(-96) is
-    subnormal in float32, so each compiled term carries up to half a subnormal spacing of
-    absolute error, and the largest log_softmax (about -1.26e-40) came out 27 spacings from
-    the Python backend's; compare_rows allows n spacings for that."""
+    subnormal in float32, and each compiled term was rounded to that grid before the sum in
+    double: the largest log_softmax (about -1.26e-40) came out 27 spacings from the Python
+    backend's.  The terms are now exact in double (cylsm_expf_nonpos_scaled): compare_rows
+    allows two spacings for float32."""
     from cylsm import _select
 
     x = np.array([0] + [-96] * 62, np.int16).reshape(63, 1)
