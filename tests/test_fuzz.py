@@ -39,7 +39,7 @@ from _reference import (
     ref_softmax_backward,
     same_special,
 )
-from test_hypothesis import axes_for, compare_backends, special_elements
+from test_hypothesis import axes_for, compare_backends, signed_sums_agree, special_elements
 
 # a short pass in the suite; tools/fuzz.py (run by .ci/run) is the long one
 FUZZ_EXAMPLES = int(os.environ.get("CYLSM_FUZZ_EXAMPLES", "30"))
@@ -193,35 +193,6 @@ def check_against_scipy(name, res, ref, dtype, x_of_ref=()):
         diff = np.abs(res.astype(LD)[fin] - ref.astype(LD)[fin])
         allowed = 8 * e * (np.abs(ref.astype(LD)[fin]) + 1) + e * n   # the sum enters log(s)
         assert np.all(diff <= allowed), (res, ref)
-
-
-def signed_sums_agree(results, x, b, axis, dtype):
-    """With negative weights log|s| is ill-conditioned near cancellation: compare the signed
-    sums s * exp(v - m) at the scale of the terms (as tests/test_hypothesis.py does)."""
-    xl = np.asarray(x).astype(LD)
-    bl = np.broadcast_to(np.asarray(b).astype(LD), np.broadcast_shapes(xl.shape, np.shape(b)))
-    xl = np.broadcast_to(xl, bl.shape)
-    ax = None if xl.ndim == 0 else axis
-    with quiet():
-        live = bl != 0
-        mk = np.max(np.where(live, xl, -np.inf), axis=ax, keepdims=True, initial=-np.inf)
-        mk = np.where(np.isfinite(mk), mk, 0)
-        terms = np.where(live, bl * np.exp(xl - mk), 0)
-        mag = np.sum(np.abs(terms), axis=ax)
-        tr = np.sum(terms, axis=ax)
-        m = np.reshape(mk, np.shape(tr))
-        for v, s in results:
-            v, s = np.reshape(v, np.shape(tr)), np.reshape(s, np.shape(tr))   # keepdims
-            t = np.asarray(s, LD) * np.exp(np.asarray(v, LD) - m)
-            vl = np.asarray(v, LD)
-            amp = np.where(np.isfinite(vl), np.maximum(1, np.abs(vl)) * np.abs(tr), 0)
-            tol = 64 * eps(dtype) * mag + 4 * eps(dtype) * amp
-            fin = np.isfinite(tr) & np.isfinite(mag)     # inf/NaN rows: compared between backends
-            assert np.all((np.abs(t - tr) <= tol)[fin])
-            same_special(v, np.reshape(results[-1][0], np.shape(tr)))
-            same_special(s, np.reshape(results[-1][1], np.shape(tr)))
-            sv = np.asarray(s)
-            assert set(np.unique(sv[~np.isnan(sv)])) <= {-1, 0, 1}
 
 
 def compare_rows(name, a, b, dtype, axis):
