@@ -20,7 +20,12 @@ Accuracy: x - max is formed exactly (its rounding error enters exp's reduced arg
 elements equal to the maximum are counted, not summed (each contributes exactly 1), and
 log_softmax/logsumexp use log1p of the count - 1 plus the sum of the rest; partial sums are added with TwoSum and combined in a fixed order, so long
 rows do not drift and the results do not depend on the number of threads.  float32 data uses a
-float32 exp and accumulates in double.
+float32 exp (twice the lanes) whose results are scaled into double exactly, and accumulates in
+double: no term is rounded to float's subnormal grid.
+
+Memory: a long row's output pass walks its superblocks last first (those the statistics pass
+read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES store the
+exps of the sum pass and rescale them instead of a second exp.
 """
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
