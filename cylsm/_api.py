@@ -50,7 +50,9 @@ def _result_dtype(fname: str, *arrays: np.ndarray, dtype: Any = None) -> np.dtyp
                 "float32, float64 or longdouble"
             )
     else:
-        d = np.result_type(*arrays)
+        # promoted by dtype alone, as NumPy 2 does (NEP 50): NumPy 1.x would let the value of
+        # a 0-d array decide (a 0-d float64 b left a float32 x's result float32)
+        d = np.result_type(*(a.dtype for a in arrays))
         if d.kind != "f":
             d = np.dtype(np.float64)
     native: np.dtype = np.dtype(d.type)  # native byte order

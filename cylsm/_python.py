@@ -65,9 +65,25 @@ def _exp_diff(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.n
 
 
 def _sum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 1, keepdims, along a contiguous axis (so NumPy sums pairwise)."""
-    total: np.ndarray = np.ascontiguousarray(np.moveaxis(a, 1, -1)).sum(axis=-1)
-    return total[:, None, :]
+    """Sum over axis 1, keepdims: pairwise, each addition's rounding error (TwoSum) carried
+    along, so that the result is as good as in twice the precision, whatever NumPy's own
+    summation does (NumPy 1.25 summed 254 equal terms 4.8 ulp off in log_softmax).  Where the
+    plain sum is inf or NaN, that is the result."""
+    s = np.moveaxis(a, 1, -1)
+    if s.shape[-1] == 0:
+        return np.zeros(a.shape[:1] + (1,) + a.shape[2:], a.dtype)
+    c = np.zeros_like(s)
+    with np.errstate(all="ignore"):
+        while s.shape[-1] > 1:
+            if s.shape[-1] % 2:
+                pad = [(0, 0)] * (s.ndim - 1) + [(0, 1)]
+                s, c = np.pad(s, pad), np.pad(c, pad)
+            h1, h2 = s[..., 0::2], s[..., 1::2]
+            s = h1 + h2
+            bb = s - h1
+            c = (c[..., 0::2] + c[..., 1::2]) + ((h1 - (s - bb)) + (h2 - bb))
+        total = np.where(np.isfinite(s), s + c, s)
+    return total[..., 0][:, None, :]
 
 
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

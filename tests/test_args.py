@@ -704,3 +704,14 @@ def test_return_sign_of_a_result_far_below_zero(lsm):
         v, s = lsm.logsumexp([-1000.0, -1001.0], b=b, return_sign=True)
         assert s == 1.0
         assert v == pytest.approx(-1000.0 + np.log1p(np.exp(-1.0)), rel=1e-15)
+
+
+def test_result_dtype_by_dtype_not_value(lsm):
+    """Promotion goes by dtype alone, as in NumPy 2 (NEP 50), under every supported NumPy:
+    NumPy 1.25's value-based casting let a 0-d float64 b leave a float32 x's result float32
+    (the fuzzer found it in the NumPy 1.25 leg)."""
+    for x in (np.array(0.5, np.float32), np.ones(3, np.float32)):
+        v, s = lsm.logsumexp(x, b=np.array(2.0), return_sign=True)
+        assert np.asarray(v).dtype == np.asarray(s).dtype == np.float64
+        assert lsm.logsumexp_backward(np.array(1.0, np.float32), x, b=np.array(2.0)).dtype \
+            == np.float64

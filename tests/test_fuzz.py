@@ -144,7 +144,7 @@ def masks(draw, shape):
 def result_dtype(x, dtype=None, *others):
     if dtype is not None:
         return np.dtype(dtype)
-    d = np.result_type(x, *others)
+    d = np.result_type(*(np.asarray(a).dtype for a in (x, *others)))   # by dtype (NEP 50)
     return np.dtype(np.float64) if d.kind != "f" else np.dtype(d.type)
 
 
