@@ -213,6 +213,13 @@ class _Layout:
         return r2.reshape(self.reduced_pshape).transpose(self.inverse)
 
 
+def _cast(a: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """a in dtype dt; what overflows it (a dtype= cast, a float16 result) is inf, without a
+    warning."""
+    with np.errstate(over="ignore"):
+        return a.astype(dt, copy=False)
+
+
 def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool) -> Any:
     """Deliver a result computed in ``res``: into ``out``, or as a new array or NumPy scalar."""
     if out is not None:
@@ -220,9 +227,7 @@ def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool
             with np.errstate(over="ignore"):     # float16 results may round to inf: no warning
                 np.copyto(out, res.reshape(out.shape), casting="unsafe")
         return out
-    if res.dtype != rdt:
-        with np.errstate(over="ignore"):
-            res = res.astype(rdt)
+    res = _cast(res, rdt)
     return res.reshape(())[()] if scalar else res
 
 
@@ -235,9 +240,8 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     xa = _array(x, fname, "x")
     rdt = _result_dtype(fname, xa, dtype=dtype)
     cdt = _compute_dtype(rdt)
-    if dtype is not None:
-        with np.errstate(over="ignore"):            # dtype=: the input is cast first, and
-            xa = xa.astype(rdt, copy=False)         # what overflows is inf, without a warning
+    if dtype is not None:                           # dtype=: the input is cast first
+        xa = _cast(xa, rdt)
     scalar = xa.ndim == 0
     if out is not None:
         _check_out(out, xa.shape, rdt, fname)
@@ -461,9 +465,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:                           # dtype=: the inputs are cast first
-        with np.errstate(over="ignore"):            # overflow gives inf, without a warning
-            xa = xa.astype(rdt, copy=False)
-            ba = None if ba is None else ba.astype(rdt, copy=False)
+        xa = _cast(xa, rdt)
+        ba = None if ba is None else _cast(ba, rdt)
     if ba is not None:
         xa, ba = _broadcast(fname, xa, ba)
     scalar_in = xa.ndim == 0
@@ -509,7 +512,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
-    if _is_last(axis) and where is None and grad is not None:
+    if _is_last(axis) and where is None:
         result = _fast(fname, y, out=out, g=grad)
         if result is not None:
             return result
@@ -641,8 +644,7 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
     array([0.5, 0.5])
     """
-    if (axis is None or _is_last(axis)) and not keepdims and b is None and where is None \
-            and grad is not None:
+    if (axis is None or _is_last(axis)) and not keepdims and b is None and where is None:
         result = _fast("logsumexp_backward", x, all_axes=axis is None, out=out, g=grad)
         if result is not None:
             return result
