@@ -24,8 +24,8 @@ float32 exp (twice the lanes) whose results are scaled into double exactly, and 
 double: no term is rounded to float's subnormal grid.
 
 Memory: a long row's output pass walks its superblocks last first (those the statistics pass
-read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES store the
-exps of the sum pass and rescale them instead of a second exp.
+read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short
+rows, store the exps of the sum pass and rescale them instead of a second exp.
 """
 from cython.parallel cimport prange
 from libc.math cimport log1p, log, fabs, INFINITY, NAN
@@ -139,9 +139,10 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
-    KEEP_BYTES = 1048576  # softmax and logsumexp_backward rows up to this size keep the exps
-                          # of their sum pass (they stay in cache)
-    KEEP_SUPER = 2        # superblocks of such a row, at most: KEEP_BYTES / (SUPER * 4)
+    KEEP_BYTES = 8388608  # softmax and logsumexp_backward rows up to this size keep the exps
+                          # of their sum pass (rereading them from L2/L3 beats a second exp;
+                          # measured up to 8 MB on a 32 MB L3, and no slower past it)
+    KEEP_SUPER = 16       # superblocks of such a row, at most: KEEP_BYTES / (SUPER * 4)
     AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
     RUN64 = 8         # float64: groups of W (row kernels) or rows (column kernels) summed
@@ -500,7 +501,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     maximum m, count and sum (one pass over memory: blocks of BLOCK summed in lanes, blocks
     added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
     m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
-    for any number of threads nt.  When store is not NULL (nt == 1) and M is finite,
+    for any number of threads nt.  When store is not NULL and M is finite,
     exp(x - m) is stored there, with m the maximum of each superblock, and exp(m - M) in
     scale[k] for superblock k (0 where m is -inf: nothing was stored there); softmax then
     needs no second exp.  ahead, ahead_w: rows of n to prefetch (block_sumexp)."""
@@ -518,9 +519,10 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     if sval != NULL and ns > 1 or ns == 1:
         if par:
             for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
-                sval[3 * k + 2] = super_stats(x + k * SUPER, super_len(n, k), &sval[3 * k],
-                                              &sval[3 * k + 1], <floating*>NULL,
-                                              x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
+                sval[3 * k + 2] = super_stats(
+                    x + k * SUPER, super_len(n, k), &sval[3 * k], &sval[3 * k + 1],
+                    <floating*>NULL if store == NULL else store + k * SUPER,
+                    x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
         else:
             for k in range(ns):
                 sval[3 * k + 2] = super_stats(
@@ -624,14 +626,14 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     Py_ssize_t n, int nt) noexcept nogil:
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
     nt threads work on this one row (superblock by superblock)."""
-    cdef double M, L, S, f
+    cdef double M, L, S
     cdef double scale[KEEP_SUPER]
-    cdef Py_ssize_t k, i, ns = (n + SUPER - 1) // SUPER
-    cdef floating* o
+    cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
+    cdef floating gr = g[0] if op == OP_LOGSUMEXP_BACKWARD else 0
     # softmax (or its multiple, logsumexp_backward) of a row that stays in cache: keep the
-    # exps of the sum pass in out
+    # exps of the sum pass in out (for any nt, so that the result does not depend on it)
     cdef bint keep = ((op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD)
-                      and n * sizeof(floating) <= KEEP_BYTES and nt == 1)
+                      and n * sizeof(floating) <= KEEP_BYTES)
     # a row that fits in cache fetches the next row (rows are contiguous), and the output it
     # writes next: its own, or with keep the next row's (its own is written right away)
     cdef bint ahead = nt == 1 and n * sizeof(floating) <= AHEAD_BYTES
@@ -642,27 +644,47 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
               &scale[0] if keep else <double*>NULL,
               x + n if ahead else x + BLOCK, ahead_w)
     if keep and -INFINITY < M < INFINITY:
-        for k in range(ns):     # exp(x - m) * exp(m - M) / S (times g for logsumexp_backward)
-            o = out + k * SUPER
-            f = scale[k] / S if op == OP_SOFTMAX else scale[k] * (g[0] / S)
-            if scale[k] == 0.0:     # m == -inf: nothing was stored; or the terms underflow
-                for i in range(super_len(n, k)):
-                    o[i] = 0.0
-            elif op == OP_SOFTMAX:  # (float64 rows have ns == 1, scale[0] == 1)
-                for i in range(super_len(n, k)):
-                    o[i] = normalize(o[i], S, f, o[0])
-            else:
-                for i in range(super_len(n, k)):
-                    o[i] = <floating>(o[i] * f)
+        if nt > 1 and ns > 1:
+            for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+                kept_super(op, out + k * SUPER, super_len(n, k), scale[k], S, gr)
+        else:
+            for k in range(ns):
+                kept_super(op, out + k * SUPER, super_len(n, k), scale[k], S, gr)
     elif op == OP_LOGSUMEXP:
         row_output(op, x, g, out, n, M, L, S)
     else:
         row_outputs(op, x, g, out, n, M, L, S, nt)
 
 
-cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S) noexcept nogil:
+cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, double S,
+                            floating gr) noexcept nogil:
+    """The output of a kept superblock of n (stats_row): its exps exp(x - m) in o, scale =
+    exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward."""
+    cdef Py_ssize_t i
+    cdef double f = 1.0 / S if op == OP_SOFTMAX else scale * (gr / S)
+    if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
+        for i in range(n):
+            o[i] = 0.0
+    elif op == OP_SOFTMAX and scale == 1.0:     # (o * 1.0: the same, but costs a product)
+        for i in range(n):
+            o[i] = normalize(o[i], S, f, o[0])
+    elif op == OP_SOFTMAX and floating is float:
+        f = f * scale
+        for i in range(n):
+            o[i] = <floating>(o[i] * f)
+    elif op == OP_SOFTMAX:
+        for i in range(n):
+            o[i] = (o[i] * scale) / S
+    else:
+        for i in range(n):
+            o[i] = <floating>(o[i] * f)
+
+
+cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
+                     double* E) noexcept nogil:
     """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT), with the width
-    fixed at TILE so that the lanes stay in registers."""
+    fixed at TILE so that the lanes stay in registers.  When E is not NULL, the exps of the sum
+    pass are stored there (as T, in double: exactly the terms the output would compute)."""
     cdef floating m[TILE]
     cdef double ones[TILE]
     cdef double part[TILE]
@@ -671,6 +693,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     cdef Py_ssize_t k, k0, k1, j
     cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef floating v
+    cdef double e
     cdef int32_t m32[TILE]
     cdef int64_t m64[TILE]
     cdef int32_t k32
@@ -705,10 +728,18 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
         k1 = k0 + run if k0 + run < n else n
         for j in range(TILE):
             part[j] = 0.0
-        for k in range(k0, k1):
-            for j in range(TILE):
-                v = T[k * TILE + j]
-                part[j] = part[j] if v == m[j] else part[j] + exp_diff(v, m[j])
+        if E == NULL:
+            for k in range(k0, k1):
+                for j in range(TILE):
+                    v = T[k * TILE + j]
+                    part[j] = part[j] if v == m[j] else part[j] + exp_diff(v, m[j])
+        else:
+            for k in range(k0, k1):
+                for j in range(TILE):
+                    v = T[k * TILE + j]
+                    e = exp_diff(v, m[j])
+                    E[k * TILE + j] = e
+                    part[j] = part[j] if v == m[j] else part[j] + e
         for j in range(TILE):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -722,19 +753,50 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     """stats_row for R <= TILE rows of n < SHORT elements (g and out advance by one per row
     for OP_LOGSUMEXP_BACKWARD / OP_LOGSUMEXP).  A row that short leaves the row kernel's lanes
     mostly idle, so the tile is transposed into a buffer and the column kernel works across the
-    rows, one lane per row.  Each row's result depends on that row alone."""
+    rows, one lane per row.  Each row's result depends on that row alone.  softmax and
+    logsumexp_backward keep the exps of the sum pass (in double: the same results as a second
+    exp)."""
     cdef floating T[SHORT * TILE]
+    cdef double E[SHORT * TILE]
     cdef double M[TILE]
     cdef double L[TILE]
     cdef double S[TILE]
     cdef Py_ssize_t r, k
+    cdef bint keep = op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD
     for k in range(n):              # a short last tile repeats its last row (a constant-height
         for r in range(TILE):       # transpose vectorizes as gathers)
             T[k * TILE + r] = x[(r if r < R else R - 1) * n + k]
-    tile_stats(T, n, M, L, S)
+    tile_stats(T, n, M, L, S, &E[0] if keep else <double*>NULL)
+    if keep:            # the outputs, across the rows (vectorized), into T; then transposed
+        kept_tile(op, E, T, n, g, R, S)
     for r in range(R):
-        row_output(op, x + r * n, g + r if op == OP_LOGSUMEXP_BACKWARD else g,
-                   out + r if op == OP_LOGSUMEXP else out + r * n, n, M[r], L[r], S[r])
+        if keep and -INFINITY < M[r] < INFINITY:
+            for k in range(n):
+                out[r * n + k] = T[k * TILE + r]
+        else:
+            row_output(op, x + r * n, g + r if op == OP_LOGSUMEXP_BACKWARD else g,
+                       out + r if op == OP_LOGSUMEXP else out + r * n, n, M[r], L[r], S[r])
+
+
+cdef inline void kept_tile(int op, const double* E, floating* T, Py_ssize_t n, const floating* g,
+                           Py_ssize_t R, const double* S) noexcept nogil:
+    """OUT T (n x TILE): softmax (op OP_SOFTMAX) or logsumexp_backward (gradients g[0:R]) of
+    the rows of a tile whose exps are E (n x TILE, relative to each row's maximum) and whose
+    sums of them are S, as the kept rows of stats_row: E / S, and E * (g / S)."""
+    cdef double f[TILE]
+    cdef Py_ssize_t k, j
+    if op == OP_SOFTMAX:
+        for j in range(TILE):
+            f[j] = 1.0 / S[j]
+        for k in range(n):
+            for j in range(TILE):
+                T[k * TILE + j] = normalize(E[k * TILE + j], S[j], f[j], T[0])
+    else:
+        for j in range(TILE):
+            f[j] = g[j if j < R else R - 1] / S[j]
+        for k in range(n):
+            for j in range(TILE):
+                T[k * TILE + j] = <floating>(E[k * TILE + j] * f[j])
 
 
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
