@@ -282,6 +282,34 @@ def test_thread_count_bitwise_identical(request, lsm):
     assert len(digests["1"]) == 64
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 10, 255, 300])
+def test_row_alone_as_in_a_batch(lsm, dtype, n):
+    """A row's result does not depend on the rows around it, bitwise: rows under 256 elements
+    are reduced 16 to a tile, one per lane (a lone row fills the tile with copies of itself),
+    and softmax and logsumexp_backward keep the tile's exps; longer rows go one by one.  37
+    rows: two full tiles and a partial one."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((37, n)) * 5).astype(dtype)
+    x[3, 0] = 60.0
+    g = rng.standard_normal((37, n)).astype(dtype)
+    g_row = rng.standard_normal(37).astype(dtype)
+    y = lsm.log_softmax(x)
+    p = lsm.softmax(x)
+    calls = {
+        "log_softmax": lambda r: lsm.log_softmax(x[r]),
+        "softmax": lambda r: lsm.softmax(x[r]),
+        "logsumexp": lambda r: lsm.logsumexp(x[r], axis=-1),
+        "logsumexp_backward": lambda r: lsm.logsumexp_backward(g_row[r], x[r], axis=-1),
+        "log_softmax_backward": lambda r: lsm.log_softmax_backward(g[r], y[r]),
+        "softmax_backward": lambda r: lsm.softmax_backward(g[r], p[r]),
+    }
+    for name, f in calls.items():
+        batch = f(slice(None))
+        for r in (0, 3, 15, 16, 36):
+            assert_array_equal(f(slice(r, r + 1)), batch[r:r + 1], err_msg=f"{name} row {r}")
+
+
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("n", [10, 90, 128, 255, 300, 1000, 2048, 3000])
 def test_equal_terms_do_not_accumulate_rounding(lsm, n, axis):
