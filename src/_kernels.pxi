@@ -546,7 +546,8 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
                 sum_k = sval[3 * k + 2]
             else:
                 sum_k = super_stats(x + k * SUPER, super_len(n, k), &m_k, &ones_k,
-                                    <floating*>NULL, x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
+                                    <floating*>NULL if store == NULL else store + k * SUPER,
+                                    x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
             if m_k == mx:
                 ones += ones_k
                 two_sum_add(&t, &c, sum_k)
