@@ -662,18 +662,11 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
     """The output of a kept superblock of n (stats_row): its exps exp(x - m) in o, scale =
     exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward."""
     cdef Py_ssize_t i
-    cdef double f = 1.0 / S if op == OP_SOFTMAX else scale * (gr / S)
+    cdef double f = (1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)
     if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
         for i in range(n):
             o[i] = 0.0
-    elif op == OP_SOFTMAX and scale == 1.0:     # (o * 1.0: the same, but costs a product)
-        for i in range(n):
-            o[i] = normalize(o[i], S, f, o[0])
-    elif op == OP_SOFTMAX and floating is float:
-        f = f * scale
-        for i in range(n):
-            o[i] = <floating>(o[i] * f)
-    elif op == OP_SOFTMAX:
+    elif op == OP_SOFTMAX and floating is double:   # divides, as normalize (o * 1.0 is o)
         for i in range(n):
             o[i] = (o[i] * scale) / S
     else:
