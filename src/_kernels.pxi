@@ -85,6 +85,17 @@ cdef inline floating narrow(floating e) noexcept nogil:
         return e
 
 
+cdef inline double unscale(floating kind) noexcept nogil:
+    """What turns exp_diff_s results, or sums and products of them, into exact doubles: 2^-64
+    for float data, 1 for double (kind only selects the type).  Sums of the scaled values,
+    unscaled once, are the same bits as sums of wide() ones, at a multiplication less per
+    term."""
+    if floating is float:
+        return CYLSM_UNSCALE
+    else:
+        return 1.0
+
+
 cdef inline double exp_diff(floating a, floating b) noexcept nogil:
     """exp(a - b) as a double (see exp_diff_s)."""
     return wide(exp_diff_s(a, b))
@@ -261,13 +272,13 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
             row = p + k * s
             for j in range(w):
                 v = row[j]
-                e = exp_diff(v, m[j])
+                e = exp_diff_s(v, m[j])      # scaled, see unscale
                 part[j] = part[j] if v == m[j] else part[j] + e
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(w):
-        tot[j] += comp[j]
+        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
 
 
 cdef inline void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
@@ -419,7 +430,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 prefetch_group(ahead + g * W, ahead_w + g * W)
                 for j in range(W):
                     v = x[g * W + j]
-                    e = exp_diff(v, mx)
+                    e = exp_diff_s(v, mx)        # scaled, see unscale
                     acc[j] = acc[j] if v == mx else acc[j] + e
         else:
             for g in range(g0, g1):
@@ -436,7 +447,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
         for j in range(W):
             i = ng * W + j
             v = x[i] if i < n else mx
-            e = exp_diff(v, mx)
+            e = exp_diff_s(v, mx) * (1.0 if store == NULL else unscale(mx))
             acc[j] = 0.0 if v == mx else e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
@@ -446,7 +457,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     for j in range(W):
         two_sum_add(&t, &c, tot[j])
         c += comp[j]
-    return t + c
+    return (t + c) * (unscale(mx) if store == NULL else 1.0)
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
@@ -678,7 +689,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                      double* E) noexcept nogil:
     """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT), with the width
     fixed at TILE so that the lanes stay in registers.  When E is not NULL, the exps of the sum
-    pass are stored there (as T, in double: exactly the terms the output would compute)."""
+    pass are stored there (as T, in double, scaled: see unscale)."""
     cdef floating m[TILE]
     cdef double ones[TILE]
     cdef double part[TILE]
@@ -726,19 +737,20 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
             for k in range(k0, k1):
                 for j in range(TILE):
                     v = T[k * TILE + j]
-                    part[j] = part[j] if v == m[j] else part[j] + exp_diff(v, m[j])
+                    e = exp_diff_s(v, m[j])      # scaled, see unscale
+                    part[j] = part[j] if v == m[j] else part[j] + e
         else:
             for k in range(k0, k1):
                 for j in range(TILE):
                     v = T[k * TILE + j]
-                    e = exp_diff(v, m[j])
+                    e = exp_diff_s(v, m[j])
                     E[k * TILE + j] = e
                     part[j] = part[j] if v == m[j] else part[j] + e
         for j in range(TILE):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(TILE):
-        tot[j] += comp[j]
+        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
     finish_stats(T, n, TILE, TILE, m, ones, tot, M, L, S)
 
 
@@ -776,18 +788,19 @@ cdef inline void kept_tile(int op, const double* E, floating* T, Py_ssize_t n, c
                            Py_ssize_t R, const double* S) noexcept nogil:
     """OUT T (n x TILE): softmax (op OP_SOFTMAX) or logsumexp_backward (gradients g[0:R]) of
     the rows of a tile whose exps are E (n x TILE, relative to each row's maximum) and whose
-    sums of them are S, as the kept rows of stats_row: E / S, and E * (g / S)."""
+    sums of them are S, as the kept rows of stats_row: E / S, and E * (g / S).  E is scaled
+    (see unscale): the factors take the unscaling, which leaves every product the same."""
     cdef double f[TILE]
     cdef Py_ssize_t k, j
     if op == OP_SOFTMAX:
         for j in range(TILE):
-            f[j] = 1.0 / S[j]
+            f[j] = (1.0 / S[j]) * unscale(T[0])
         for k in range(n):
             for j in range(TILE):
                 T[k * TILE + j] = normalize(E[k * TILE + j], S[j], f[j], T[0])
     else:
         for j in range(TILE):
-            f[j] = g[j if j < R else R - 1] / S[j]
+            f[j] = (g[j if j < R else R - 1] / S[j]) * unscale(T[0])
         for k in range(n):
             for j in range(TILE):
                 T[k * TILE + j] = <floating>(E[k * TILE + j] * f[j])
@@ -803,8 +816,9 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:
+        R = R * unscale(x[0])      # the exps are scaled (see unscale)
         for i in range(n):
-            out[i] = normalize(exp_diff(x[i], <floating>M), S, R, x[0])
+            out[i] = normalize(exp_diff_s(x[i], <floating>M), S, R, x[0])
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     elif op == OP_LOG_SOFTMAX_BACKWARD:     # in double, rounded once
@@ -818,10 +832,10 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
         if M == -INFINITY:      # logsumexp is -inf: the gradient is exactly 0
             gr = 0.0
             M = 0.0
-        if floating is float:   # exp(x - M) in float (exact difference), exp(-L) once in double
-            gr = gr * cylsm_exp(-L)
+        if floating is float:   # exp(x - M) in float (exact difference, scaled: see unscale),
+            gr = gr * cylsm_exp(-L) * CYLSM_UNSCALE      # exp(-L) once in double
             for i in range(n):
-                out[i] = <floating>(gr * exp_diff(x[i], <floating>M))
+                out[i] = <floating>(gr * exp_diff_s(x[i], <floating>M))
         else:
             for i in range(n):
                 out[i] = <floating>(gr * exp_diff2(x[i], M, L))
@@ -861,15 +875,15 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
             out[j] = <floating>(M[j] + L[j])
         return
     for j in range(w):
-        R[j] = 1.0 / S[j]
+        R[j] = (1.0 / S[j]) * unscale(x[0])     # panel_output's exps are scaled (see unscale)
     if op == OP_LOGSUMEXP_BACKWARD:
         for j in range(w):
-            S[j] = g[j]             # S now holds the upstream gradient (times exp(-L): float)
-            if M[j] == -INFINITY:
+            S[j] = g[j]             # S now holds the upstream gradient (float: times exp(-L),
+            if M[j] == -INFINITY:   # and scaled)
                 S[j] = 0.0
                 M[j] = 0.0
             if floating is float:
-                S[j] = S[j] * cylsm_exp(-L[j])
+                S[j] = S[j] * cylsm_exp(-L[j]) * CYLSM_UNSCALE
     if w == JB:     # a constant width, as in col_stats
         panel_output(op, x, out, n, JB, s, M, L, S, R)
     else:
@@ -889,12 +903,12 @@ cdef inline void panel_output(int op, const floating* x, floating* out, Py_ssize
         if op == OP_LOG_SOFTMAX:
             for j in range(w):
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
-        elif op == OP_SOFTMAX:
+        elif op == OP_SOFTMAX:      # R[j] is scaled as the exps are (see unscale)
             for j in range(w):
-                orow[j] = normalize(exp_diff(xr[j], <floating>M[j]), S[j], R[j], xr[0])
-        elif floating is float:     # S[j] holds grad * exp(-L), see above
+                orow[j] = normalize(exp_diff_s(xr[j], <floating>M[j]), S[j], R[j], xr[0])
+        elif floating is float:     # S[j] holds grad * exp(-L), scaled as the exps are
             for j in range(w):
-                orow[j] = <floating>(S[j] * exp_diff(xr[j], <floating>M[j]))
+                orow[j] = <floating>(S[j] * exp_diff_s(xr[j], <floating>M[j]))
         else:
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff2(xr[j], M[j], L[j]))
