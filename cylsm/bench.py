@@ -45,9 +45,11 @@ Method
    and the median over the rounds are reported.  Ratios are formed only between times of the
    same run, from the minima.
 5. Each thread count runs in a subprocess whose thread pools are set before anything is
-   imported: ``OMP_NUM_THREADS`` (cylsm, and torch), ``XLA_FLAGS`` limiting jax to one thread
-   for the one-thread run, then ``torch.set_num_threads`` and ``threadpoolctl`` limits.  The
-   parent collects the subprocesses' results as JSON.
+   imported: ``OMP_NUM_THREADS`` (cylsm, and torch), ``XLA_FLAGS`` asking jax for one thread
+   in the one-thread run, then ``torch.set_num_threads`` and ``threadpoolctl`` limits.  On
+   Linux the subprocess is also pinned to as many CPUs as it has threads: jax 0.10's XLA
+   ignores those flags and used both cores of the "one-thread" run (measured: CPU time twice
+   the wall time).  The parent collects the subprocesses' results as JSON.
 
 The targets of issue 3 are evaluated at the end (:func:`evaluate_targets`): every cell within
 0.80 x the best peer's time; at 16 MiB or more, all cores, ``out=``: forward log_softmax and
@@ -612,10 +614,22 @@ def _limit_threads(n: int, peers: Sequence[str], stack: ExitStack) -> None:
     stack.enter_context(threadpoolctl.threadpool_limits(limits=n))
 
 
+def _pin(n: int) -> None:
+    """Run this process, and the threads it starts from now on, on n of the CPUs it may use
+    (Linux; elsewhere, and with n at least that many, nothing changes): a peer whose thread
+    pool ignores its limits then still gets no more than n cores."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if n < len(cpus):
+        os.sched_setaffinity(0, cpus[:n])
+
+
 def worker(job_file: str) -> int:
     """The subprocess of one thread count: run its cells, write the results as JSON."""
     job = json.loads(Path(job_file).read_text())
     settings, threads = Settings(**job["settings"]), int(job["threads"])
+    _pin(threads)           # before any library starts a thread pool
     config = importlib.import_module("cylsm._config")  # loads cylsm's kernels
     found = [p for p in settings.peers if peer_module(p) is not None]
     progress = Progress(job["done"], job["total"], job["start"])
