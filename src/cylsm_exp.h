@@ -32,11 +32,10 @@ typedef union { double d; uint64_t u; } cylsm_bits;
  * degree 9, added to 1 last so that the result is rounded once: about 0.6 ulp.  q is the
  * minimax approximation (Remez, on |r| <= 0.347, for the relative error of the whole, its
  * first coefficient fixed at a double and the others rounded; tools/exp_minimax.py derives
- * the coefficients of both polynomials): relative error below
- * 4.6e-18 (2^-57.6), as the Taylor series to degree 13 was, with 2 fewer operations (the
- * loops are bound by their count; 4-9% faster).  Estrin's scheme: Horner's has fewer
- * operations still but its dependency chain made the double loops no faster.  Shared by
- * every double exp below. */
+ * the coefficients of both polynomials): relative error below 4.6e-18 (2^-57.6), as the
+ * Taylor series to degree 13 had, with 2 fewer operations (the loops are bound by their
+ * count; 4-9% faster).  Estrin's scheme: Horner's has fewer operations still, but its
+ * dependency chain made the double loops no faster.  Shared by every double exp below. */
 static inline double cylsm_exp_poly(double r)
 {
     double r2 = r * r;
