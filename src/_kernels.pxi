@@ -59,7 +59,7 @@ cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
     """exp(a - b) for a <= b (or NaN), with a - b formed exactly: its rounding would otherwise
     cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum).  Scaled: for
     float data times 2^64 (never subnormal, see cylsm_expf_nonpos_scaled), to be unscaled by
-    wide() or narrow()."""
+    unscale() (exactly, in double) or narrow()."""
     cdef floating lo, d
     if floating is float:
         d = cylsm_two_difff(a, b, &lo)
@@ -67,14 +67,6 @@ cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
     else:
         d = cylsm_two_diff(a, b, &lo)
         return cylsm_exp_nonpos(d, lo)
-
-
-cdef inline double wide(floating e) noexcept nogil:
-    """An exp_diff_s result as a double (exact)."""
-    if floating is float:
-        return <double>e * CYLSM_UNSCALE
-    else:
-        return e
 
 
 cdef inline floating narrow(floating e) noexcept nogil:
@@ -88,17 +80,12 @@ cdef inline floating narrow(floating e) noexcept nogil:
 cdef inline double unscale(floating kind) noexcept nogil:
     """What turns exp_diff_s results, or sums and products of them, into exact doubles: 2^-64
     for float data, 1 for double (kind only selects the type).  Sums of the scaled values,
-    unscaled once, are the same bits as sums of wide() ones, at a multiplication less per
+    unscaled once, are the same bits as sums of unscaled ones, at a multiplication less per
     term."""
     if floating is float:
         return CYLSM_UNSCALE
     else:
         return 1.0
-
-
-cdef inline double exp_diff(floating a, floating b) noexcept nogil:
-    """exp(a - b) as a double (see exp_diff_s)."""
-    return wide(exp_diff_s(a, b))
 
 
 cdef inline double exp_wide(floating a) noexcept nogil:
@@ -519,7 +506,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
-    cdef double t = 0.0, c = 0.0, ones = 0.0, m_k, ones_k, sum_k
+    cdef double t = 0.0, c = 0.0, ones = 0.0, m_k, ones_k, sum_k, f_k
     cdef double one[3]
     cdef double* sval = one                 # per superblock: max, count, sum
     cdef bint par = nt > 1 and ns > 1       # superblocks reduced in parallel, kept in scratch
@@ -565,9 +552,10 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
                 if scale != NULL:
                     scale[k] = 1.0
             else:               # m_k < mx: exp(m_k - mx) is 0 for -inf, NaN stays NaN
-                two_sum_add(&t, &c, (ones_k + sum_k) * exp_diff[double](m_k, mx))
+                f_k = exp_diff_s[double](m_k, mx)
+                two_sum_add(&t, &c, (ones_k + sum_k) * f_k)
                 if scale != NULL:
-                    scale[k] = exp_diff[double](m_k, mx)
+                    scale[k] = f_k
         t += c
         L[0] = log1p((ones - 1.0) + t)
         S[0] = ones + t
@@ -1317,7 +1305,7 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
-                two_sum_add(&tot, &comp, bk * exp_diff[double](v, mx))
+                two_sum_add(&tot, &comp, bk * exp_diff_s[double](v, mx))
     M[0] = mx
     mw[0] = wsum
     rest[0] = tot + comp
@@ -1374,7 +1362,7 @@ cdef void weighted_grad_line(const floating* g, const floating* x, const floatin
         scale = g[0] / (mw + rest)
     for k in range(n):
         bk = b[k * s]
-        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff[double](x[k * s], M))
+        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff_s[double](x[k * s], M))
 
 
 def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,
