@@ -237,11 +237,24 @@ cdef inline void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssi
             m[j] = v if v > m[j] else m[j]
 
 
+cdef inline void prefetch_line(const floating* r) noexcept nogil:
+    """Prefetch the JB elements at r (a row of a column panel) for reading."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t step = 64 // sizeof(floating)
+    i = 0
+    while i < JB:
+        cylsm_prefetch(r + i)
+        i += step
+
+
 cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
                               const floating* m, double* tot, double* part,
                               double* comp) noexcept nogil:
     """OUT tot[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] != m[j] (the
-    others contribute exactly 1 each; panel_max counts them).  part, comp: scratch of w."""
+    others contribute exactly 1 each; panel_max counts them).  part, comp: scratch of w.
+    Along the way the next panel (the JB columns that follow, usually this thread's next
+    task) is prefetched, so that its max pass reads from cache: 5-15% faster column kernels.
+    (The backward ops' panel_sum got slower with the same prefetch.)"""
     cdef Py_ssize_t k, k0, k1, j
     cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef const floating* row
@@ -257,6 +270,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
             part[j] = 0.0
         for k in range(k0, k1):
             row = p + k * s
+            prefetch_line(row + JB)
             for j in range(w):
                 v = row[j]
                 e = exp_diff_s(v, m[j])      # scaled, see unscale
