@@ -237,7 +237,7 @@ cdef inline void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssi
             m[j] = v if v > m[j] else m[j]
 
 
-cdef inline void prefetch_line(const floating* r) noexcept nogil:
+cdef inline void prefetch_panel_row(const floating* r) noexcept nogil:
     """Prefetch the JB elements at r (a row of a column panel) for reading."""
     cdef Py_ssize_t i
     cdef Py_ssize_t step = 64 // sizeof(floating)
@@ -270,7 +270,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
             part[j] = 0.0
         for k in range(k0, k1):
             row = p + k * s
-            prefetch_line(row + JB)
+            prefetch_panel_row(row + JB)
             for j in range(w):
                 v = row[j]
                 e = exp_diff_s(v, m[j])      # scaled, see unscale
