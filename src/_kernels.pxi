@@ -562,7 +562,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
             else:
                 sum_k = super_stats(x + k * SUPER, super_len(n, k), &m_k, &ones_k,
                                     <floating*>NULL if store == NULL else store + k * SUPER,
-                                    x + k * SUPER + BLOCK, x + k * SUPER + BLOCK)
+                                    ahead + k * SUPER, ahead_w + k * SUPER)
             if m_k == mx:
                 ones += ones_k
                 two_sum_add(&t, &c, sum_k)
