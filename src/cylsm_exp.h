@@ -163,6 +163,14 @@ static inline double cylsm_exp_nonpos(double x, double lo)
  * maximum. */
 #define CYLSM_UNSCALE 0x1p-64
 
+/* Whether the target has a fused multiply-add instruction (fmaf is then one instruction that
+ * vectorizes; without it, a libm call per element). */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define CYLSM_FMA 1
+#else
+#define CYLSM_FMA 0
+#endif
+
 static inline float cylsm_expf_nonpos_scaled(float x, float lo)
 {
     const float shifter = 0x1.8p23f;

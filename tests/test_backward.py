@@ -408,6 +408,36 @@ def test_backward_out_in_place(lsm, which):
     np.testing.assert_allclose(target, e2, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("n", [32, 300, 140_000])
+def test_log_softmax_backward_float_rows(lsm, n):
+    """float32 log_softmax_backward runs in float where that is as accurate (no y > 0, the
+    gradient's row sum 0 or within 2^-62..2^36; with a fused multiply-add) and in double
+    elsewhere, decided row by row (and per superblock of a long row): rows of each kind side
+    by side, short and long.  Each is within the formula's rounding, is bitwise the same alone
+    as in the batch, and in place (out=grad, out=y: the y are checked before they are
+    overwritten) as not."""
+    r = rng(n)
+    x = (r.standard_normal((6, n)) * 4).astype(np.float32)
+    y = lsm.log_softmax(x)
+    g = r.standard_normal((6, n)).astype(np.float32)
+    y[1, n // 2] = 3.0              # not a log_softmax: exp(y) > 1
+    y[1, 0] = 50.0                  # beyond the scaled float exp's range
+    g[2] *= np.float32(1e-25)       # |sum| below 2^-62
+    g[3] *= np.float32(1e12)        # |sum| above 2^36
+    g[4, :] = 0.0
+    g[4, :2] = [1.5, -1.5]          # sum exactly 0
+    y[5, :3] = [-np.inf, -200.0, -104.0]    # exps of 0, flushed to 0 and subnormal
+    dx = lsm.log_softmax_backward(g, y)
+    check_log_softmax_backward(dx, g, y, -1, np.float32, k=2)
+    for i in range(6):
+        assert_array_equal(lsm.log_softmax_backward(g[i], y[i]), dx[i], err_msg=f"row {i}")
+    for which in ("grad", "y"):
+        g1, y1 = g.copy(), y.copy()
+        target = g1 if which == "grad" else y1
+        assert lsm.log_softmax_backward(g1, y1, out=target) is target
+        assert_array_equal(target, dx, err_msg=f"out={which}")
+
+
 def test_backward_out_partial_overlap(lsm):
     buf = data((5, 9), seed=31)
     g = buf[:, :8]
