@@ -23,7 +23,7 @@ added with TwoSum and combined in a fixed order, so long rows do not drift and t
 not depend on the number of threads.  float32 data uses a float32 exp (twice the lanes) whose
 results are scaled into double exactly, and accumulates in double: no term is rounded to
 float's subnormal grid.  float32 log_softmax_backward forms its output in float where that is
-as accurate (see log_softmax_grads).
+as accurate (see log_softmax_grad_float).
 
 Memory: a long row's output pass walks its superblocks last first (those the statistics pass
 read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short
@@ -824,40 +824,37 @@ cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
     return c == 0
 
 
-cdef void log_softmax_grads(const floating* y, const floating* g, floating* out, Py_ssize_t R,
-                            Py_ssize_t n, const double* M) noexcept nogil:
-    """out = g - exp(y) * M[r] for R rows of n, M[r] being the sum of row r's gradient g:
-    log_softmax_backward's output, rounded once.  In double; for float data, where the target
-    has a fused multiply-add and M[r] is 0 or within 2^-62..2^36, in float with twice the
-    lanes (15-25% faster): the scaled exp (about 1.0 ulp, against exp_wide's 1.4) times M
+cdef void log_softmax_grad_float(const float* y, const float* g, float* out, Py_ssize_t n,
+                                 double M) noexcept nogil:
+    """out = g - exp(y) * M for a row (or superblock) of float data, M being the sum of the
+    row's gradient g: log_softmax_backward's output, rounded once.  In double; where the
+    target has a fused multiply-add and M is 0 or within 2^-62..2^36, in float with twice the
+    lanes (15-30% faster): the scaled exp (about 1.0 ulp, against exp_wide's 1.4) times M
     rounded to float (half an ulp) in one fused multiply-add.  Worst error measured, in units
     of 2^-24 (|g| + exp(y) sum |g|): 1.5, against 1.1 in double and 2.3 for the plain float
     formula that torch and jax evaluate.  (Within those bounds M's float is normal, and the
     exps that the scaled exp flushes to 0 contribute less than half of float's smallest
-    subnormal.)  The scaled exp needs y <= 0, as log_softmax gives (NaN is fine): the
-    y > 0 of a row are counted on the way, and if there are any, the row is done again in
-    double.  In place (out is y or g) that would be too late: a row's y are checked first
-    (which costs a pass, stalled on loads).  Each row is decided alone: its result does not
-    depend on its neighbours, nor on out."""
-    cdef Py_ssize_t r, i
-    cdef int positive
-    cdef double MAX_FLOAT_M = 68719476736.0     # 2^36
-    cdef bint in_place = out == y or out == g
+    subnormal.)  The scaled exp needs y <= 0, as log_softmax gives (NaN is fine): the y > 0
+    are counted on the way, and if there are any, the row is done again in double.  In place
+    (out is y or g) that would be too late: the y are checked first (which costs a pass,
+    stalled on loads).  The result depends on the row alone, not on its neighbours nor on
+    out.  Out of line, one call per row: a variant that took a tile of short rows at once
+    made GCC stop inlining row_output and run_task (10-20% slower short rows of the other
+    backward ops)."""
+    cdef Py_ssize_t i
+    cdef int positive = 0
     cdef float Ms, v
-    for r in range(R):
-        if floating is float:
-            if (CYLSM_FMA and (M[r] == 0.0 or 4.0 * CYLSM_UNSCALE <= fabs(M[r]) <= MAX_FLOAT_M)
-                    and (not in_place or nonpositive(y + r * n, n))):
-                Ms = <float>(M[r] * CYLSM_UNSCALE)      # the exps are scaled by 2^64
-                positive = 0
-                for i in range(r * n, r * n + n):
-                    v = y[i]            # read once: out may be y
-                    out[i] = fmaf(-cylsm_expf_nonpos_scaled(v, 0.0), Ms, g[i])
-                    positive += v > 0
-                if positive == 0:
-                    continue
-        for i in range(r * n, r * n + n):
-            out[i] = <floating>(g[i] - exp_wide(y[i]) * M[r])
+    if (CYLSM_FMA and (M == 0.0 or 4.0 * CYLSM_UNSCALE <= fabs(M) <= 68719476736.0)   # 2^36
+            and ((out != y and out != g) or nonpositive(y, n))):
+        Ms = <float>(M * CYLSM_UNSCALE)     # the exps are scaled by 2^64
+        for i in range(n):
+            v = y[i]            # read once: out may be y
+            out[i] = fmaf(-cylsm_expf_nonpos_scaled(v, 0.0), Ms, g[i])
+            positive += v > 0
+        if positive == 0:
+            return
+    for i in range(n):
+        out[i] = <float>(g[i] - cylsm_expf_wide(y[i]) * M)
 
 
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
@@ -876,7 +873,11 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
     elif op == OP_LOG_SOFTMAX_BACKWARD:
-        log_softmax_grads(x, g, out, 1, n, &M)
+        if floating is float:
+            log_softmax_grad_float(x, g, out, n, M)
+        else:                               # in double, rounded once
+            for i in range(n):
+                out[i] = <floating>(g[i] - exp_wide(x[i]) * M)
     elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
@@ -1041,15 +1042,11 @@ cdef void backward_short_rows(int op, const floating* g, const floating* q, floa
     """backward_row for R rows of n < SHORT elements, without its superblocks and threads (a
     row this short is part of one block)."""
     cdef Py_ssize_t r
-    cdef double G[TILE]
-    if op == OP_LOG_SOFTMAX_BACKWARD:       # the whole tile in one call
-        for r in range(R):
-            G[r] = block_sum(g + r * n, <const floating*>NULL, n)
-        log_softmax_grads(q, g, out, R, n, G)
-        return
+    cdef double G
     for r in range(R):
-        G[0] = block_sum(g + r * n, q + r * n, n)
-        row_output(op, q + r * n, g + r * n, out + r * n, n, G[0], 0.0, 1.0)
+        G = block_sum(g + r * n, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else
+                      q + r * n, n)
+        row_output(op, q + r * n, g + r * n, out + r * n, n, G, 0.0, 1.0)
 
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
