@@ -22,8 +22,8 @@ log_softmax/logsumexp use log1p of the count - 1 plus the sum of the rest; parti
 added with TwoSum and combined in a fixed order, so long rows do not drift and the results do
 not depend on the number of threads.  float32 data uses a float32 exp (twice the lanes) whose
 results are scaled into double exactly, and accumulates in double: no term is rounded to
-float's subnormal grid.  float32 log_softmax_backward forms its output in float where that is
-as accurate (see log_softmax_grad_float).
+float's subnormal grid.  float32 log_softmax_backward forms its output in float where a row
+allows it, within 1.5 units of 2^-24 of its terms (see log_softmax_grad_float).
 
 Memory: a long row's output pass walks its superblocks last first (those the statistics pass
 read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short

@@ -410,7 +410,7 @@ def test_backward_out_in_place(lsm, which):
 
 @pytest.mark.parametrize("n", [32, 300, 140_000])
 def test_log_softmax_backward_float_rows(lsm, n):
-    """float32 log_softmax_backward runs in float where that is as accurate (no y > 0, the
+    """float32 log_softmax_backward runs in float where a row allows it (no y > 0, the
     gradient's row sum 0 or within 2^-62..2^36; with a fused multiply-add) and in double
     elsewhere, decided row by row (and per superblock of a long row): rows of each kind side
     by side, short and long.  Each is within the formula's rounding, is bitwise the same alone
