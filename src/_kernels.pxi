@@ -824,18 +824,18 @@ cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
     return c == 0
 
 
-cdef void log_softmax_grad_float(const float* y, const float* g, float* out, Py_ssize_t n,
+cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_ssize_t n,
                                  double M) noexcept nogil:
     """out = g - exp(y) * M for a row (or superblock) of float data, M being the sum of the
-    row's gradient g: log_softmax_backward's output, rounded once.  In double; where the
-    target has a fused multiply-add and M is 0 or within 2^-62..2^36, in float with twice the
-    lanes (15-30% faster): the scaled exp (about 1.0 ulp, against exp_wide's 1.4) times M
+    row's gradient g: log_softmax_backward's output, rounded once.  Whether it was done (if
+    not, row_output does it in double): where the target has a fused multiply-add and M is 0
+    or within 2^-62..2^36, in float with twice the lanes (15-30% faster): the scaled exp (about 1.0 ulp, against exp_wide's 1.4) times M
     rounded to float (half an ulp) in one fused multiply-add.  Worst error measured, in units
     of 2^-24 (|g| + exp(y) sum |g|): 1.5, against 1.1 in double and 2.3 for the plain float
     formula that torch and jax evaluate.  (Within those bounds M's float is normal, and the
     exps that the scaled exp flushes to 0 contribute less than half of float's smallest
     subnormal.)  The scaled exp needs y <= 0, as log_softmax gives (NaN is fine): the y > 0
-    are counted on the way, and if there are any, the row is done again in double.  In place
+    are counted on the way, and if there are any, the row is left to be done again.  In place
     (out is y or g) that would be too late: the y are checked first (which costs a pass,
     stalled on loads).  The result depends on the row alone, not on its neighbours nor on
     out.  Out of line, one call per row: a variant that took a tile of short rows at once
@@ -851,10 +851,8 @@ cdef void log_softmax_grad_float(const float* y, const float* g, float* out, Py_
             v = y[i]            # read once: out may be y
             out[i] = fmaf(-cylsm_expf_nonpos_scaled(v, 0.0), Ms, g[i])
             positive += v > 0
-        if positive == 0:
-            return
-    for i in range(n):
-        out[i] = <float>(g[i] - cylsm_expf_wide(y[i]) * M)
+        return positive == 0
+    return False
 
 
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
@@ -872,12 +870,12 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             out[i] = normalize(exp_diff_s(x[i], <floating>M), S, R, x[0])
     elif op == OP_LOGSUMEXP:
         out[0] = <floating>(M + L)
-    elif op == OP_LOG_SOFTMAX_BACKWARD:
+    elif op == OP_LOG_SOFTMAX_BACKWARD:     # in double, rounded once, unless in float
         if floating is float:
-            log_softmax_grad_float(x, g, out, n, M)
-        else:                               # in double, rounded once
-            for i in range(n):
-                out[i] = <floating>(g[i] - exp_wide(x[i]) * M)
+            if log_softmax_grad_float(x, g, out, n, M):
+                return
+        for i in range(n):
+            out[i] = <floating>(g[i] - exp_wide(x[i]) * M)
     elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
