@@ -203,6 +203,12 @@ class _Layout:
         """A new array of the full shape that fits this layout."""
         return np.empty(self.pshape, cdt).transpose(self.inverse)
 
+    def strided3(self, a: np.ndarray) -> np.ndarray:
+        """``a`` (full shape, any strides: a broadcast ``b`` or mask) as an (outer, n, inner)
+        view, without a copy wherever NumPy can reshape it so (every layout of up to three
+        axes, and any whose merged axes are contiguous or all broadcast)."""
+        return a.transpose(self.perm).reshape(self.outer, self.n, self.inner)
+
     def two(self, r: np.ndarray, cdt: np.dtype) -> np.ndarray:
         """``r`` (keepdims shape of the reduction) as a C-contiguous (outer, inner) array."""
         t = np.ascontiguousarray(r.transpose(self.perm), dtype=cdt)
@@ -467,8 +473,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if dtype is not None:                           # dtype=: the inputs are cast first
         xa = _cast(xa, rdt)
         ba = None if ba is None else _cast(ba, rdt)
-    if ba is not None:
-        xa, ba = _broadcast(fname, xa, ba)
+    if ba is not None:          # cast before broadcasting: a broadcast b is never copied
+        xa, ba = _broadcast(fname, xa, _cast(ba, cdt))
     scalar_in = xa.ndim == 0
     xv = xa.reshape(1) if scalar_in else xa
     bv = None if ba is None else (ba.reshape(1) if scalar_in else ba)
@@ -477,10 +483,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if out is not None:
         _check_out(out, rshape, rdt, fname)
     mask = _mask(where, xv.shape, fname)
-    if bv is not None and mask is not None:
-        bv = np.where(mask, bv, 0)
-    elif mask is not None:
-        xv = np.where(mask, xv, -np.inf)
+    weighted = bv is not None or mask is not None   # b and the mask go to the kernel as views
 
     layout = _Layout(xv.shape, axes, _c_order(xv))
     res2 = np.empty((layout.outer, layout.inner), cdt)
@@ -488,13 +491,14 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if res2.size:
         if layout.n == 0:
             res2.fill(-np.inf)
-        elif bv is not None:
+        elif weighted:
             _kernels(cdt).logsumexp_weighted(
-                layout.three(xv, cdt), layout.three(bv, cdt), res2, sign2
+                layout.three(xv, cdt), None if bv is None else layout.strided3(bv), res2, sign2,
+                None if mask is None else layout.strided3(mask.view(np.uint8)),
             )
         else:
             _kernels(cdt).logsumexp(layout.three(xv, cdt), res2)
-        if sign2 is not None and (bv is None or layout.n == 0):
+        if sign2 is not None and (not weighted or layout.n == 0):
             # a sum of exps: positive, or 0 (result -inf), or NaN
             np.copyto(sign2, np.where(res2 == -np.inf, 0.0, np.where(np.isnan(res2), np.nan, 1.0)))
     value = layout.unreduce(res2).reshape(rshape)
@@ -667,31 +671,28 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
         )
     mask = _mask(where, xv.shape, fname)
     bv: np.ndarray | None = None
-    if ba is not None:
+    if ba is not None:          # cast before broadcasting: a broadcast b is never copied
         try:
-            bv = np.broadcast_to(ba.reshape(1) if ba.ndim == 0 else ba, xv.shape)
+            bv = np.broadcast_to(_cast(ba.reshape(1) if ba.ndim == 0 else ba, cdt), xv.shape)
         except ValueError:
             raise ValueError(
                 f"cylsm.{fname}: b has shape {ba.shape}, which does not broadcast to x of shape "
                 f"{xa.shape}"
             ) from None
-        if mask is not None:
-            bv = np.where(mask, bv, 0)
-    elif mask is not None:
-        xv = np.where(mask, xv, -np.inf)
     if xv.size == 0:
         return _finish(np.empty(xv.shape, cdt), out, rdt, scalar)
 
     outv = None if out is None else (out.reshape(1) if scalar else out)
     layout = _Layout(xv.shape, axes, _c_order(xv))
-    res = _result_buffer(outv, cdt, [xv, g] + ([] if bv is None else [bv]), layout)
+    res = _result_buffer(outv, cdt, [xv, g] + [v for v in (bv, mask) if v is not None], layout)
     r3 = layout.view3(res)
     g2 = layout.two(g.reshape(_reduced_shape(xv.shape, axes, True)), cdt)
     K = _kernels(cdt)
-    if bv is None:
+    if bv is None and mask is None:
         K.logsumexp_backward(g2, layout.three(xv, cdt), r3)
-    else:
-        K.logsumexp_backward_weighted(g2, layout.three(xv, cdt), layout.three(bv, cdt), r3)
-    if mask is not None:
-        np.copyto(res, 0, where=~mask)
+    else:           # b and the mask go to the kernel as views; it writes 0 where they are 0
+        K.logsumexp_backward_weighted(
+            g2, layout.three(xv, cdt), None if bv is None else layout.strided3(bv), r3,
+            None if mask is None else layout.strided3(mask.view(np.uint8)),
+        )
     return _finish(res, out, rdt, scalar)

@@ -163,10 +163,18 @@ def _weighted_parts(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return M, mw, rest
 
 
+def _weights(x: np.ndarray, b: np.ndarray | None, where: np.ndarray | None) -> np.ndarray:
+    """The weights of the compiled kernels' b (None: 1) and mask (None: all; 0 masks out)."""
+    bc = np.ones_like(x) if b is None else np.broadcast_to(_compute(b), x.shape)
+    return bc if where is None else np.where(where != 0, bc, 0)
+
+
 def logsumexp_weighted(
-    x: np.ndarray, b: np.ndarray, out: np.ndarray, sign: np.ndarray | None = None
+    x: np.ndarray, b: np.ndarray | None, out: np.ndarray, sign: np.ndarray | None = None,
+    where: np.ndarray | None = None,
 ) -> None:
-    M, mw, rest = _weighted_parts(_compute(x), _compute(b))
+    xc = _compute(x)
+    M, mw, rest = _weighted_parts(xc, _weights(xc, b, where))
     with np.errstate(all="ignore"):
         r = rest / np.where(mw != 0, mw, 1)
         sg = np.where(mw != 0, np.sign(1 + r) * np.sign(mw), np.sign(rest))
@@ -188,9 +196,11 @@ def logsumexp_weighted(
 
 
 def logsumexp_backward_weighted(
-    g: np.ndarray, x: np.ndarray, b: np.ndarray, out: np.ndarray
+    g: np.ndarray, x: np.ndarray, b: np.ndarray | None, out: np.ndarray,
+    where: np.ndarray | None = None,
 ) -> None:
-    xc, bc = _compute(x), _compute(b)
+    xc = _compute(x)
+    bc = _weights(xc, b, where)
     M, mw, rest = _weighted_parts(xc, bc)
     with np.errstate(all="ignore"):
         total = mw + rest

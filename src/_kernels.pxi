@@ -151,6 +151,7 @@ cdef enum:
                       # same way each time (25 ulp in log_softmax over 128 of them)
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
+    CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
     GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
@@ -1332,8 +1333,12 @@ def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
 
 
 # ---------------------------------------------------------------------------------------------
-# Weighted logsumexp (b=), one line of n elements s apart at a time.  As scipy does, the maximal
-# elements are taken out of the sum: log(sum b e^x) = M + log|mw| + log1p(rest / mw).
+# Weighted logsumexp (b=, where=), one line of n elements at a time.  As scipy does, the maximal
+# elements are taken out of the sum: log(sum b e^x) = M + log|mw| + log1p(rest / mw).  The
+# weights b (1 when not given) and the mask w (all when not given) are read through their own
+# strides, so a broadcast b or mask is never made into an array of x's size; an entry of weight
+# 0 or masked out takes no part, even where x is inf or NaN.  Lines whose x, b and mask are
+# contiguous take the vector loops, the others a scalar loop.
 
 
 cdef double sign_of(double v) noexcept nogil:
@@ -1344,17 +1349,172 @@ cdef double sign_of(double v) noexcept nogil:
     return v   # 0 or NaN
 
 
-cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_ssize_t s,
+cdef inline floating weight_at(const floating* b, Py_ssize_t sb, const unsigned char* w,
+                               Py_ssize_t sw, Py_ssize_t k) noexcept nogil:
+    """The weight of element k: b[k * sb] (1 when b is NULL), 0 where the mask is 0."""
+    cdef floating bk = 1 if b == NULL else b[k * sb]
+    return bk if w == NULL or w[k * sw] != 0 else 0
+
+
+cdef inline const floating* chunk_weights(const floating* b, const unsigned char* w,
+                                          Py_ssize_t m, floating* buf) noexcept nogil:
+    """The weights of m <= CHUNK contiguous elements (see weight_at): b itself where there is
+    no mask, else written to buf.  The vector loops then read the weights without a condition
+    (a load under one would keep the compiler from vectorizing them)."""
+    cdef Py_ssize_t i
+    if w == NULL and b != NULL:
+        return b
+    if w == NULL:
+        for i in range(m):
+            buf[i] = 1
+    elif b == NULL:
+        for i in range(m):
+            buf[i] = 1 if w[i] != 0 else 0
+    else:
+        for i in range(m):
+            buf[i] = b[i] if w[i] != 0 else 0
+    return buf
+
+
+cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned char* w,
+                           Py_ssize_t n, floating* M) noexcept nogil:
+    """OUT M: the max of the contiguous x[0:n] over the entries of nonzero weight (-inf if
+    none), in W lanes.  Whether one of those entries is NaN."""
+    cdef floating m[W]
+    cdef int nan[W]
+    cdef floating buf[CHUNK]
+    cdef const floating* wt
+    cdef const floating* xc
+    cdef Py_ssize_t c, cm, g, j, i
+    cdef floating v, mx = -INFINITY
+    cdef int nans = 0
+    for j in range(W):
+        m[j] = -INFINITY
+        nan[j] = 0
+    c = 0
+    while c < n:
+        cm = CHUNK if n - c > CHUNK else n - c
+        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        xc = x + c
+        for g in range(cm // W):
+            for j in range(W):
+                v = xc[g * W + j]
+                nan[j] += (wt[g * W + j] != 0) & (v != v)
+                v = v if wt[g * W + j] != 0 else -INFINITY
+                m[j] = v if v > m[j] else m[j]
+        for i in range(cm - cm % W, cm):
+            if wt[i] != 0:
+                nans += xc[i] != xc[i]
+                mx = xc[i] if xc[i] > mx else mx
+        c += CHUNK
+    for j in range(W):
+        nans += nan[j]
+        mx = m[j] if m[j] > mx else mx
+    M[0] = mx
+    return nans != 0
+
+
+cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned char* w,
+                           Py_ssize_t n, floating mx, double* mw, double* rest) noexcept nogil:
+    """OUT mw, rest of weighted_parts for the contiguous x[0:n] whose (finite) max is mx: the
+    exps in the data's precision (scaled, see unscale), the terms added in W double lanes,
+    which are added to compensated lane totals after each chunk (float64: each run of RUN64
+    groups), as in block_sumexp."""
+    cdef double acc[W]
+    cdef double tot[W]
+    cdef double comp[W]
+    cdef double wacc[W]
+    cdef floating buf[CHUNK]
+    cdef const floating* wt
+    cdef const floating* xc
+    cdef Py_ssize_t c, cm, g, g0, g1, j, i
+    cdef Py_ssize_t run = RUN64 if floating is double else CHUNK // W
+    cdef floating v, bk
+    cdef double t = 0.0, cc = 0.0, ws = 0.0
+    for j in range(W):
+        tot[j] = 0.0
+        comp[j] = 0.0
+        wacc[j] = 0.0
+    c = 0
+    while c < n:
+        cm = CHUNK if n - c > CHUNK else n - c
+        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        xc = x + c
+        g0 = 0
+        while g0 < cm // W:
+            g1 = g0 + run if g0 + run < cm // W else cm // W
+            for j in range(W):
+                acc[j] = 0.0
+            for g in range(g0, g1):
+                for j in range(W):
+                    v = xc[g * W + j]
+                    bk = wt[g * W + j]
+                    acc[j] = (acc[j] if v == mx else    # weight 0 (v may be > mx, inf, NaN):
+                              acc[j] + bk * exp_diff_s(v if bk != 0 else mx, mx))  # 0 * 1
+                    wacc[j] = wacc[j] + bk if v == mx else wacc[j]
+            for j in range(W):
+                two_sum_add(&tot[j], &comp[j], acc[j])
+            g0 = g1
+        for i in range(cm - cm % W, cm):
+            bk = wt[i]
+            if bk != 0 and xc[i] == mx:
+                ws += bk
+            elif bk != 0:
+                two_sum_add(&t, &cc, bk * exp_diff_s(xc[i], mx))
+        c += CHUNK
+    for j in range(W):
+        two_sum_add(&t, &cc, tot[j])
+        cc += comp[j]
+        ws += wacc[j]
+    mw[0] = ws
+    rest[0] = (t + cc) * unscale(mx)
+
+
+cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned char* w,
+                            floating* out, Py_ssize_t n, floating mx, double scale) noexcept nogil:
+    """out = scale * weight * exp(x - mx) for the contiguous x[0:n] (scale: for the scaled
+    exps), 0 where the weight is 0.  out may be x or b."""
+    cdef floating buf[CHUNK]
+    cdef const floating* wt
+    cdef Py_ssize_t c, cm, i
+    cdef floating v, bk
+    c = 0
+    while c < n:
+        cm = CHUNK if n - c > CHUNK else n - c
+        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        for i in range(cm):
+            v = x[c + i]
+            bk = wt[i]
+            out[c + i] = 0 if bk == 0 else <floating>(scale * bk * exp_diff_s(v if bk != 0 else mx,
+                                                                             mx))
+        c += CHUNK
+
+
+cdef void weighted_parts(const floating* x, Py_ssize_t sx, const floating* b, Py_ssize_t sb,
+                         const unsigned char* w, Py_ssize_t sw, Py_ssize_t n,
                          double* M, double* mw, double* rest) noexcept nogil:
-    """OUT M: max of x over the entries with b != 0 (-inf if none; NaN if one of them is NaN);
-    OUT mw: sum of the weights of the maximal entries (of the +inf entries when M is +inf);
-    OUT rest: sum of b * exp(x - M) over the others (0 when M is not finite)."""
+    """OUT M: max of x over the entries of nonzero weight (-inf if none; NaN if one of them is
+    NaN); OUT mw: sum of the weights of the maximal entries (of the +inf entries when M is
+    +inf); OUT rest: sum of b * exp(x - M) over the others (0 when M is not finite).  x, b and
+    w are read k * sx, k * sb and k * sw apart."""
     cdef Py_ssize_t k
     cdef double v, bk, mx = -INFINITY, wsum = 0.0, tot = 0.0, comp = 0.0
+    cdef floating mf
+    cdef bint row = sx == 1 and (b == NULL or sb == 1) and (w == NULL or sw == 1)
+    if row:
+        if weighted_max_row(x, b, w, n, &mf):
+            M[0] = NAN
+            mw[0] = NAN
+            rest[0] = NAN
+            return
+        if -INFINITY < mf < INFINITY:
+            M[0] = mf
+            weighted_sum_row(x, b, w, n, mf, mw, rest)
+            return
     for k in range(n):
-        bk = b[k * s]
+        bk = weight_at(b, sb, w, sw, k)
         if bk != 0:
-            v = x[k * s]
+            v = x[k * sx]
             if v != v:
                 M[0] = NAN
                 mw[0] = NAN
@@ -1363,9 +1523,9 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
             if v > mx:
                 mx = v
     for k in range(n):
-        bk = b[k * s]
+        bk = weight_at(b, sb, w, sw, k)
         if bk != 0:
-            v = x[k * s]
+            v = x[k * sx]
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
@@ -1375,12 +1535,13 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t n, Py_
     rest[0] = tot + comp
 
 
-cdef void weighted_line(const floating* x, const floating* b, floating* out, floating* sign,
-                        Py_ssize_t n, Py_ssize_t s) noexcept nogil:
+cdef void weighted_line(const floating* x, Py_ssize_t sx, const floating* b, Py_ssize_t sb,
+                        const unsigned char* w, Py_ssize_t sw, floating* out, floating* sign,
+                        Py_ssize_t n) noexcept nogil:
     """OUT out[0] = log|sum b exp(x)|; OUT sign[0] its sign, or when sign is NULL: NaN in out
     for a negative sum."""
     cdef double M, mw, rest, r, res, sg
-    weighted_parts(x, b, n, s, &M, &mw, &rest)
+    weighted_parts(x, sx, b, sb, w, sw, n, &M, &mw, &rest)
     if M != M:
         res = NAN
         sg = NAN
@@ -1410,13 +1571,16 @@ cdef void weighted_line(const floating* x, const floating* b, floating* out, flo
     out[0] = <floating>res
 
 
-cdef void weighted_grad_line(const floating* g, const floating* x, const floating* b,
-                             floating* out, Py_ssize_t n, Py_ssize_t s) noexcept nogil:
-    """OUT out = g * b * exp(x - M) / sum(b * exp(x - M)): the gradient of log|sum b exp(x)|;
-    0 where that sum is 0 (logsumexp -inf) and wherever b is 0."""
+cdef void weighted_grad_line(const floating* g, const floating* x, Py_ssize_t sx,
+                             const floating* b, Py_ssize_t sb, const unsigned char* w,
+                             Py_ssize_t sw, floating* out, Py_ssize_t n) noexcept nogil:
+    """OUT out = g * b * exp(x - M) / sum(b * exp(x - M)) (out is laid out as x): the gradient
+    of log|sum b exp(x)|; 0 where that sum is 0 (logsumexp -inf) and wherever the weight is
+    0.  out may be x or b."""
     cdef double M, mw, rest, scale, bk
     cdef Py_ssize_t k
-    weighted_parts(x, b, n, s, &M, &mw, &rest)
+    cdef floating mf
+    weighted_parts(x, sx, b, sb, w, sw, n, &M, &mw, &rest)
     if M == INFINITY:
         M = NAN
     if M == -INFINITY or mw + rest == 0:
@@ -1424,37 +1588,70 @@ cdef void weighted_grad_line(const floating* g, const floating* x, const floatin
         M = 0.0
     else:
         scale = g[0] / (mw + rest)
+    if (sx == 1 and (b == NULL or sb == 1) and (w == NULL or sw == 1)
+            and -INFINITY < M < INFINITY and scale != 0):
+        mf = <floating>M                    # the max of the x: exact
+        weighted_grad_row(x, b, w, out, n, mf, scale * unscale(mf))
+        return
     for k in range(n):
-        bk = b[k * s]
-        out[k * s] = <floating>(0.0 if bk == 0 else scale * bk * exp_diff_s[double](x[k * s], M))
+        bk = weight_at(b, sb, w, sw, k)
+        out[k * sx] = <floating>(0.0 if bk == 0 else
+                                 scale * bk * exp_diff_s[double](x[k * sx], M))
 
 
-def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, ::1] b,
-                       floating[:, ::1] out, floating[:, ::1] sign=None):
+def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, :] b,
+                       floating[:, ::1] out, floating[:, ::1] sign=None,
+                       const unsigned char[:, :, :] where=None):
     """OUT out = log|sum b exp(x)| over axis 1; OUT sign its sign in {-1, 0, +1} (when sign is
-    None, a negative sum gives NaN)."""
+    None, a negative sum gives NaN).  b (None: weights of 1) and where (None: no mask; 0
+    masks out) have x's shape and any strides (0 for a broadcast axis)."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
     cdef const floating* xp = &x[0, 0, 0]
-    cdef const floating* bp = &b[0, 0, 0]
+    cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
+    cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
     cdef floating* op = &out[0, 0]
     cdef floating* sp = NULL if sign is None else &sign[0, 0]
-    cdef Py_ssize_t t, line
+    cdef Py_ssize_t bs0 = 0, bs1 = 0, bs2 = 0, ws0 = 0, ws1 = 0, ws2 = 0
+    cdef Py_ssize_t t, o, j
     cdef int nt = n_threads(outer * n * inner)
+    if b is not None:
+        bs0, bs1, bs2 = (b.strides[0] // sizeof(floating), b.strides[1] // sizeof(floating),
+                         b.strides[2] // sizeof(floating))
+    if where is not None:
+        ws0, ws1, ws2 = where.strides[0], where.strides[1], where.strides[2]
     for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
-        line = (t // inner) * n * inner + t % inner
-        weighted_line(xp + line, bp + line, op + t, NULL if sp == NULL else sp + t, n, inner)
+        o = t // inner
+        j = t % inner
+        weighted_line(xp + o * n * inner + j, inner,
+                      NULL if bp == NULL else bp + o * bs0 + j * bs2, bs1,
+                      NULL if wp == NULL else wp + o * ws0 + j * ws2, ws1,
+                      op + t, NULL if sp == NULL else sp + t, n)
 
 
 def logsumexp_backward_weighted(const floating[:, ::1] g, const floating[:, :, ::1] x,
-                                const floating[:, :, ::1] b, floating[:, :, ::1] out):
-    """OUT out = g * b * exp(x - logsumexp(x, b)), 0 where b is 0 or the sum is 0."""
+                                const floating[:, :, :] b, floating[:, :, ::1] out,
+                                const unsigned char[:, :, :] where=None):
+    """OUT out = g * b * exp(x - logsumexp(x, b)), 0 where the weight is 0 (or masked out by
+    where) or the sum is 0.  b and where as in logsumexp_weighted."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
     cdef const floating* gp = &g[0, 0]
     cdef const floating* xp = &x[0, 0, 0]
-    cdef const floating* bp = &b[0, 0, 0]
+    cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
+    cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
     cdef floating* op = &out[0, 0, 0]
-    cdef Py_ssize_t t, line
+    cdef Py_ssize_t bs0 = 0, bs1 = 0, bs2 = 0, ws0 = 0, ws1 = 0, ws2 = 0
+    cdef Py_ssize_t t, o, j, line
     cdef int nt = n_threads(outer * n * inner)
+    if b is not None:
+        bs0, bs1, bs2 = (b.strides[0] // sizeof(floating), b.strides[1] // sizeof(floating),
+                         b.strides[2] // sizeof(floating))
+    if where is not None:
+        ws0, ws1, ws2 = where.strides[0], where.strides[1], where.strides[2]
     for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
-        line = (t // inner) * n * inner + t % inner
-        weighted_grad_line(gp + t, xp + line, bp + line, op + line, n, inner)
+        o = t // inner
+        j = t % inner
+        line = o * n * inner + j
+        weighted_grad_line(gp + t, xp + line, inner,
+                           NULL if bp == NULL else bp + o * bs0 + j * bs2, bs1,
+                           NULL if wp == NULL else wp + o * ws0 + j * ws2, ws1,
+                           op + line, n)

@@ -9,6 +9,8 @@ import pytest
 from numpy.exceptions import AxisError
 from numpy.testing import assert_array_equal
 
+import cylsm
+
 from _reference import (
     assert_lse_backward_close,
     assert_lse_close,
@@ -657,6 +659,122 @@ def test_exact_cancellation(lsm, dtype):
     assert np.isnan(plain[2])
     assert_array_equal(plain[:2], scipy_lse(x[:2].astype(np.float64), axis=1,
                                             b=b[:2].astype(np.float64)))
+
+
+def weighted_oracle(x, w):
+    """log|sum w exp(x)| over axis 1 and its sign, in long double, by SPEC section 2: entries of
+    weight 0 take no part, even where x is inf or NaN."""
+    xl, wl = x.astype(np.longdouble), w.astype(np.longdouble)
+    take = wl != 0
+    with np.errstate(all="ignore"):
+        xm = np.where(take, xl, -INF)
+        M = np.max(xm, axis=1, initial=-INF)
+        top = take & (xl == M[:, None])
+        mw = np.sum(np.where(top, wl, 0), axis=1)
+        fin = np.isfinite(M)
+        rest = np.sum(np.where(take & ~top & fin[:, None], wl * np.exp(xm - np.where(fin, M, 0)[:, None]), 0), axis=1)
+        s = mw + rest
+        v = np.where(fin, np.log(np.abs(s)) + M, M)
+        sg = np.where(fin, np.sign(s), 0.0)
+        v = np.where(M == INF, np.where(mw != 0, INF, NAN), v)
+        sg = np.where(M == INF, np.where(mw != 0, np.sign(mw), NAN), sg)
+        sg = np.where(np.isnan(M), NAN, sg)
+    return v, sg
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [16, 37, 512, 1300])
+@pytest.mark.parametrize("kind", ["b", "b-broadcast", "where", "b-where"])
+def test_weighted_long_rows(lsm, dtype, n, kind):
+    """b= and where= on rows long enough for the kernels' vector loops (and their chunks of
+    512), along the last axis and along axis 0, with the special rows of SPEC section 2 among
+    ordinary ones; against a long-double oracle, and the gradient against the reference."""
+    rng = np.random.default_rng(n)
+    R = 9
+    x = (2 * rng.standard_normal((R, n))).astype(dtype)
+    b = rng.uniform(0.5, 2.0, (R, n)).astype(dtype)
+    m = rng.random((R, n)) < 0.8
+    x[1, 3], x[1, 5], x[1, n - 1] = INF, NAN, -INF      # row 1: specials of weight 0
+    b[1, 3] = b[1, 5] = 0
+    m[1, 3] = m[1, 5] = False
+    m[2] = False                                        # row 2: nothing taken
+    b[2] = 0
+    x[3, 7] = NAN                                       # row 3: a NaN taken
+    x[4, 2] = x[4, 9] = INF                             # row 4: +inf taken
+    b[5, ::2] *= -1                                     # row 5: weights of both signs
+    x[6] = dtype(1.5)                                   # row 6: exact cancellation
+    b[6] = 1
+    b[6, 1::2] = -1
+    b[6, n - 1] = 0 if n % 2 else b[6, n - 1]
+    x[7, ::5] = x[7].max()                              # row 7: many maxima
+    for r in (3, 4, 6):
+        m[r] = True
+    if kind == "b-broadcast":
+        b = b[0]                                        # (n,): one row of weights for all
+        x[[1, 2]] = x[0]                                # (the special rows need their own b)
+    kw = {"b": b} if kind in ("b", "b-broadcast") else {"where": m} if kind == "where" else {"b": b, "where": m}
+    weights = np.broadcast_to(b, x.shape) if "b" in kw else np.ones(x.shape)
+    weights = np.where(m, weights, 0) if "where" in kw else weights
+    rv, rs = weighted_oracle(x, weights)
+    for axis, xx, kk in ((1, x, kw), (0, x.T, {k: v[:, None] if v.ndim == 1 else v.T for k, v in kw.items()})):
+        with no_warnings():
+            v, s = lsm.logsumexp(xx, axis=axis, return_sign=True, **kk)
+            plain = lsm.logsumexp(xx, axis=axis, **kk)
+        assert v.dtype == s.dtype == dtype
+        assert_array_equal(s, rs.astype(dtype))
+        same_special(v, rv.astype(dtype))
+        assert_array_equal(np.isnan(plain), np.isnan(rv) | (rs < 0))
+        assert_array_equal(plain[rs >= 0], v[rs >= 0])
+        pos = np.isfinite(rv) & (rs > 0) & (np.arange(R) != 5)
+        assert_lse_close(v[pos], rv[pos], dtype, bound=2.0)
+        # the row of mixed signs: its signed sum at the scale of its terms
+        mag = np.sum(np.abs(weights[5]) * np.exp(x[5].astype(np.float64)))
+        assert abs(s[5] * np.exp(np.float64(v[5])) - rs[5] * np.exp(np.float64(rv[5]))) <= 16 * eps(dtype) * mag
+        # the gradient, on the rows whose sum is positive and finite (and the empty row)
+        g = np.arange(1, R + 1, dtype=dtype)
+        with no_warnings():
+            dx = lsm.logsumexp_backward(g, xx, axis=axis, **kk)
+        rows = [0, 1, 2, 7]
+        dxr = dx if axis == 1 else dx.T
+        bsel = kw.get("b")
+        bsel = None if bsel is None else np.broadcast_to(bsel, x.shape)[rows]
+        msel = None if "where" not in kw else m[rows]
+        assert_lse_backward_close(dxr[rows], g[rows], x[rows], axis=1, b=bsel, where=msel)
+        assert_array_equal(dxr[weights == 0], 0)
+        assert np.isnan(dxr[3][weights[3] != 0]).all()
+
+
+def test_weighted_no_input_sized_temporary(backends, monkeypatch):
+    """A broadcast b and a mask reach the compiled kernels as views: a call allocates its
+    result and O(1) scratch, never an array of x's size (b=, where=, and their backward).  (The
+    Python backend is the readable statement of the algorithms: it makes temporaries.)"""
+    import tracemalloc
+
+    from cylsm import _api
+
+    compiled = [(name, k) for name, k in backends if name != "python"]
+    if not compiled:
+        pytest.skip("no compiled kernels in this run (CYLSM_NO_EXTENSIONS)")
+    x = data((2048, 1000))              # 16 MB
+    b = np.random.default_rng(3).random(1000)
+    m = np.random.default_rng(4).random((2048, 1000)) < 0.5
+    g = np.ones(2048)
+    out = np.empty_like(x)
+    calls = [lambda: cylsm.logsumexp(x, axis=1, b=b), lambda: cylsm.logsumexp(x, axis=1, where=m),
+             lambda: cylsm.logsumexp(x, axis=1, b=b, where=m[:1]),
+             lambda: cylsm.logsumexp(x.T, axis=0, b=b[:, None], return_sign=True),
+             lambda: cylsm.logsumexp_backward(g, x, axis=1, b=b, where=m, out=out)]
+    for name, kernels in compiled:
+        monkeypatch.setattr(_api, "_K", kernels)
+        for k, call in enumerate(calls):
+            call()
+            tracemalloc.start()
+            try:
+                call()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < x.nbytes // 64, f"{name}, call {k}: {peak} bytes for a {x.nbytes}-byte x"
 
 
 def test_return_sign_scalar_cancellation(lsm):
