@@ -260,19 +260,20 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     outv = None if out is None else (out.reshape(1) if scalar else out)
     # Work in the memory order of out when one is given (x is copied into it when needed).
     layout = _Layout(xv.shape, axes, (None if outv is None else _c_order(outv)) or _c_order(xv))
-    res = _result_buffer(outv, cdt, [xv], layout)
+    res = _result_buffer(outv, cdt, [xv] + ([] if mask is None else [mask]), layout)
     r3 = layout.view3(res)
-    masked = None if mask is None else ~mask
-    if masked is not None or xv.dtype != cdt or not layout.fits(xv):
+    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))   # a view
+    K = _kernels(cdt)
+    if m3 is not None or xv.dtype != cdt or not layout.fits(xv):
         np.copyto(res, xv, casting="unsafe")       # work in place in the result
-        if masked is not None:
-            np.copyto(res, -np.inf, where=masked)
+        if m3 is not None:
+            K.mask_fill(r3, m3, -np.inf)
         x3 = r3
     else:
         x3 = layout.three(xv, cdt)
-    getattr(_kernels(cdt), fname)(x3, r3)
-    if masked is not None:
-        np.copyto(res, fill, where=masked)
+    getattr(K, fname)(x3, r3)
+    if m3 is not None:
+        K.mask_fill(r3, m3, fill)
     return _finish(res, out, rdt, scalar)
 
 
@@ -533,18 +534,14 @@ def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: An
     mask = _mask(where, yv.shape, fname)
     if yv.size == 0:
         return _finish(np.empty(yv.shape, cdt), out, rdt, scalar)
-    if mask is not None:                 # masked entries take no part in the sums
-        gv = np.where(mask, gv, 0)
-        if fname == "softmax_backward":
-            yv = np.where(mask, yv, 0)
-
     outv = None if out is None else (out.reshape(1) if scalar else out)
     layout = _Layout(yv.shape, axes, _c_order(yv))
-    res = _result_buffer(outv, cdt, [gv, yv], layout)
+    res = _result_buffer(outv, cdt, [gv, yv] + ([] if mask is None else [mask]), layout)
     r3 = layout.view3(res)
-    getattr(_kernels(cdt), fname)(layout.three(gv, cdt), layout.three(yv, cdt), r3)
-    if mask is not None:
-        np.copyto(res, 0, where=~mask)
+    # The mask reaches the kernel as a view: masked entries take no part in the sums, get 0.
+    getattr(_kernels(cdt), fname)(layout.three(gv, cdt), layout.three(yv, cdt), r3,
+                                  **({} if mask is None else
+                                     {"where": layout.strided3(mask.view(np.uint8))}))
     return _finish(res, out, rdt, scalar)
 
 

@@ -132,18 +132,26 @@ def logsumexp_backward(g: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, gg * _exp_diff(xc, M, L), casting="unsafe")
 
 
-def log_softmax_backward(g: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+def log_softmax_backward(g: np.ndarray, y: np.ndarray, out: np.ndarray,
+                         where: np.ndarray | None = None) -> None:
     gc, yc = _compute(g), _compute(y)
     with np.errstate(all="ignore"):
-        G = _sum(gc)
-        np.copyto(out, gc - np.exp(yc) * G, casting="unsafe")
+        G = _sum(gc if where is None else np.where(where != 0, gc, 0))
+        res = gc - np.exp(yc) * G
+        np.copyto(out, res if where is None else np.where(where != 0, res, 0), casting="unsafe")
 
 
-def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
+def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray,
+                     where: np.ndarray | None = None) -> None:
     gc, pc = _compute(g), _compute(p)
     with np.errstate(all="ignore"):
-        D = _sum(gc * pc)
-        np.copyto(out, pc * (gc - D), casting="unsafe")
+        D = _sum(gc * pc if where is None else np.where(where != 0, gc * pc, 0))
+        res = pc * (gc - D)
+        np.copyto(out, res if where is None else np.where(where != 0, res, 0), casting="unsafe")
+
+
+def mask_fill(a: np.ndarray, where: np.ndarray, value: float) -> None:
+    np.copyto(a, value, where=where == 0)
 
 
 def _weighted_parts(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

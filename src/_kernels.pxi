@@ -1308,19 +1308,49 @@ def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out):
 
 
 def log_softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] y,
-                         floating[:, :, ::1] out):
-    """OUT out = g - exp(y) * sum(g) (out may be g or y)."""
+                         floating[:, :, ::1] out, const unsigned char[:, :, :] where=None):
+    """OUT out = g - exp(y) * sum(g) (out may be g or y).  where (None: no mask; any strides,
+    0 masks out): the sum over the entries it keeps, and 0 at the others."""
+    if where is not None:
+        masked_backward(OP_LOG_SOFTMAX_BACKWARD, g, y, out, where)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_LOG_SOFTMAX_BACKWARD, &y[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
             y.shape[0], y.shape[1], y.shape[2])
 
 
 def softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] p,
-                     floating[:, :, ::1] out):
-    """OUT out = p * (g - sum(g * p)) (out may be g or p)."""
+                     floating[:, :, ::1] out, const unsigned char[:, :, :] where=None):
+    """OUT out = p * (g - sum(g * p)) (out may be g or p).  where: as in log_softmax_backward."""
+    if where is not None:
+        masked_backward(OP_SOFTMAX_BACKWARD, g, p, out, where)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_SOFTMAX_BACKWARD, &p[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
             p.shape[0], p.shape[1], p.shape[2])
+
+
+def mask_fill(floating[:, :, ::1] a, const unsigned char[:, :, :] where, double value):
+    """OUT a = value where the mask (any strides) is 0: the masked entries of log_softmax and
+    softmax with where=, without an array of the inverted mask."""
+    cdef Py_ssize_t outer = a.shape[0], n = a.shape[1], inner = a.shape[2], o, i, j
+    cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
+    cdef floating v = <floating>value
+    cdef floating* row
+    cdef const unsigned char* wrow
+    with nogil:
+        for o in range(outer):
+            if inner == 1:      # the mask's rows: contiguous (ws1 == 1) or broadcast
+                row = &a[o, 0, 0]
+                wrow = &where[o, 0, 0]
+                for i in range(n):
+                    row[i] = row[i] if wrow[i * ws1] != 0 else v
+                continue
+            for i in range(n):
+                row = &a[o, i, 0]
+                wrow = &where[o, i, 0]
+                for j in range(inner):
+                    row[j] = row[j] if wrow[j * ws2] != 0 else v
 
 
 def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
@@ -1356,23 +1386,33 @@ cdef inline floating weight_at(const floating* b, Py_ssize_t sb, const unsigned 
     return bk if w == NULL or w[k * sw] != 0 else 0
 
 
-cdef inline const floating* chunk_weights(const floating* b, const unsigned char* w,
-                                          Py_ssize_t m, floating* buf) noexcept nogil:
-    """The weights of m <= CHUNK contiguous elements (see weight_at): b itself where there is
-    no mask, else written to buf.  The vector loops then read the weights without a condition
-    (a load under one would keep the compiler from vectorizing them)."""
+cdef inline const floating* gather_weights(const floating* b, Py_ssize_t sb,
+                                           const unsigned char* w, Py_ssize_t sw, Py_ssize_t m,
+                                           floating* buf) noexcept nogil:
+    """The weights of m elements (see weight_at; m <= CHUNK): b itself where it is contiguous
+    and there is no mask, else written to buf.  The vector loops then read the weights without
+    a condition (a load under one would keep the compiler from vectorizing them)."""
     cdef Py_ssize_t i
-    if w == NULL and b != NULL:
+    if w == NULL and b != NULL and sb == 1:
         return b
-    if w == NULL:
+    if w == NULL and b == NULL:
         for i in range(m):
             buf[i] = 1
-    elif b == NULL:
+    elif w == NULL:
+        for i in range(m):
+            buf[i] = b[i * sb]
+    elif b == NULL and sw == 1:     # (unit strides apart: loops the compiler vectorizes)
         for i in range(m):
             buf[i] = 1 if w[i] != 0 else 0
-    else:
+    elif b == NULL:
+        for i in range(m):
+            buf[i] = 1 if w[i * sw] != 0 else 0
+    elif sb == 1 and sw == 1:
         for i in range(m):
             buf[i] = b[i] if w[i] != 0 else 0
+    else:
+        for i in range(m):
+            buf[i] = b[i * sb] if w[i * sw] != 0 else 0
     return buf
 
 
@@ -1394,7 +1434,8 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+                            cm, buf)
         xc = x + c
         for g in range(cm // W):
             for j in range(W):
@@ -1438,7 +1479,8 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+                            cm, buf)
         xc = x + c
         g0 = 0
         while g0 < cm // W:
@@ -1481,7 +1523,8 @@ cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = chunk_weights(NULL if b == NULL else b + c, NULL if w == NULL else w + c, cm, buf)
+        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+                            cm, buf)
         for i in range(cm):
             v = x[c + i]
             bk = wt[i]
@@ -1490,17 +1533,17 @@ cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned
         c += CHUNK
 
 
-cdef void weighted_parts(const floating* x, Py_ssize_t sx, const floating* b, Py_ssize_t sb,
+cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t sb,
                          const unsigned char* w, Py_ssize_t sw, Py_ssize_t n,
                          double* M, double* mw, double* rest) noexcept nogil:
     """OUT M: max of x over the entries of nonzero weight (-inf if none; NaN if one of them is
     NaN); OUT mw: sum of the weights of the maximal entries (of the +inf entries when M is
     +inf); OUT rest: sum of b * exp(x - M) over the others (0 when M is not finite).  x, b and
-    w are read k * sx, k * sb and k * sw apart."""
+    w are read k, k * sb and k * sw apart: a row (weighted_panel does columns)."""
     cdef Py_ssize_t k
     cdef double v, bk, mx = -INFINITY, wsum = 0.0, tot = 0.0, comp = 0.0
     cdef floating mf
-    cdef bint row = sx == 1 and (b == NULL or sb == 1) and (w == NULL or sw == 1)
+    cdef bint row = (b == NULL or sb == 1) and (w == NULL or sw == 1)
     if row:
         if weighted_max_row(x, b, w, n, &mf):
             M[0] = NAN
@@ -1514,7 +1557,7 @@ cdef void weighted_parts(const floating* x, Py_ssize_t sx, const floating* b, Py
     for k in range(n):
         bk = weight_at(b, sb, w, sw, k)
         if bk != 0:
-            v = x[k * sx]
+            v = x[k]
             if v != v:
                 M[0] = NAN
                 mw[0] = NAN
@@ -1525,7 +1568,7 @@ cdef void weighted_parts(const floating* x, Py_ssize_t sx, const floating* b, Py
     for k in range(n):
         bk = weight_at(b, sb, w, sw, k)
         if bk != 0:
-            v = x[k * sx]
+            v = x[k]
             if v == mx:
                 wsum += bk
             elif -INFINITY < mx < INFINITY:
@@ -1535,13 +1578,11 @@ cdef void weighted_parts(const floating* x, Py_ssize_t sx, const floating* b, Py
     rest[0] = tot + comp
 
 
-cdef void weighted_line(const floating* x, Py_ssize_t sx, const floating* b, Py_ssize_t sb,
-                        const unsigned char* w, Py_ssize_t sw, floating* out, floating* sign,
-                        Py_ssize_t n) noexcept nogil:
-    """OUT out[0] = log|sum b exp(x)|; OUT sign[0] its sign, or when sign is NULL: NaN in out
-    for a negative sum."""
-    cdef double M, mw, rest, r, res, sg
-    weighted_parts(x, sx, b, sb, w, sw, n, &M, &mw, &rest)
+cdef void weighted_finish(double M, double mw, double rest, floating* out,
+                          floating* sign) noexcept nogil:
+    """OUT out[0] = log|sum b exp(x)| from the weighted_parts of a line; OUT sign[0] its sign,
+    or when sign is NULL: NaN in out for a negative sum."""
+    cdef double r, res, sg
     if M != M:
         res = NAN
         sg = NAN
@@ -1571,32 +1612,176 @@ cdef void weighted_line(const floating* x, Py_ssize_t sx, const floating* b, Py_
     out[0] = <floating>res
 
 
-cdef void weighted_grad_line(const floating* g, const floating* x, Py_ssize_t sx,
+cdef void weighted_panel(const floating* x, Py_ssize_t s, const floating* b, Py_ssize_t bs1,
+                         Py_ssize_t bs2, const unsigned char* w, Py_ssize_t ws1, Py_ssize_t ws2,
+                         Py_ssize_t n, Py_ssize_t cw, double* M, double* mw,
+                         double* rest) noexcept nogil:
+    """weighted_parts for cw <= JB neighbouring columns (x's rows s apart; b and the mask
+    step bs1, ws1 along a column and bs2, ws2 across), vectorized across the columns: the
+    max pass, then the terms summed in runs of rows added with TwoSum, as in panel_sumexp."""
+    cdef floating m[JB]
+    cdef floating ms[JB]
+    cdef int nan[JB]
+    cdef double tot[JB]
+    cdef double comp[JB]
+    cdef double ws[JB]
+    cdef double part[JB]
+    cdef floating buf[JB]
+    cdef const floating* wt
+    cdef const floating* xr
+    cdef Py_ssize_t i, j, k0, k1
+    cdef Py_ssize_t run = RUN64 if floating is double else KC
+    cdef floating v, bk
+    cdef double e
+    cdef bint take
+    for j in range(cw):
+        m[j] = -INFINITY
+        nan[j] = 0
+        tot[j] = 0.0
+        comp[j] = 0.0
+        ws[j] = 0.0
+    for i in range(n):
+        wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
+                            NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+        xr = x + i * s
+        for j in range(cw):
+            v = xr[j]
+            nan[j] += (wt[j] != 0) & (v != v)
+            v = v if wt[j] != 0 else -INFINITY
+            m[j] = v if v > m[j] else m[j]
+    for j in range(cw):
+        ms[j] = m[j] if -INFINITY < m[j] < INFINITY else 0      # what the exps subtract
+    k0 = 0
+    while k0 < n:               # runs of rows summed in part, then added with TwoSum
+        k1 = k0 + run if k0 + run < n else n
+        for j in range(cw):
+            part[j] = 0.0
+        for i in range(k0, k1):
+            wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
+                                NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+            xr = x + i * s
+            for j in range(cw):
+                v = xr[j]
+                bk = wt[j]
+                take = (bk != 0) & (v != m[j]) & (ms[j] == m[j])   # (M finite)
+                e = exp_diff_s(v if take else ms[j], ms[j])
+                part[j] = part[j] + bk * e if take else part[j]
+                ws[j] = ws[j] + bk if v == m[j] else ws[j]
+        for j in range(cw):
+            two_sum_add(&tot[j], &comp[j], part[j])
+        k0 = k1
+    for j in range(cw):
+        M[j] = NAN if nan[j] else m[j]
+        mw[j] = NAN if nan[j] else ws[j]
+        rest[j] = NAN if nan[j] else (tot[j] + comp[j]) * unscale(m[0])
+
+
+cdef inline double grad_scale(double g, double* M, double mw, double rest) noexcept nogil:
+    """g / sum(b exp(x - M)): the factor of a weighted line's gradient, whose weighted_parts
+    are M, mw, rest; and M as its exps subtract it: NaN for a +inf max, 0 (and a factor of 0)
+    where the sum is 0 (logsumexp -inf)."""
+    if M[0] == INFINITY:
+        M[0] = NAN
+    if M[0] == -INFINITY or mw + rest == 0:
+        M[0] = 0.0
+        return 0.0
+    return g / (mw + rest)
+
+
+cdef inline double grad_exp(double v, double M) noexcept nogil:
+    """exp(v - M) of a weighted gradient.  v > M only where the factor is 0 (a sum of 0) or
+    for v = +inf (NaN, as the sum is): a finite such v is taken as M, so that the gradient
+    is an exact 0 there."""
+    return exp_diff_s[double](v if (v <= M) | (v == INFINITY) else M, M)
+
+
+cdef void weighted_grad_line(const floating* g, const floating* x,
                              const floating* b, Py_ssize_t sb, const unsigned char* w,
-                             Py_ssize_t sw, floating* out, Py_ssize_t n) noexcept nogil:
-    """OUT out = g * b * exp(x - M) / sum(b * exp(x - M)) (out is laid out as x): the gradient
-    of log|sum b exp(x)|; 0 where that sum is 0 (logsumexp -inf) and wherever the weight is
-    0.  out may be x or b."""
-    cdef double M, mw, rest, scale, bk
+                             Py_ssize_t sw, floating* out, Py_ssize_t n, double M, double mw,
+                             double rest) noexcept nogil:
+    """OUT out = g * b * exp(x - M) / sum(b * exp(x - M)) (out is laid out as x), M, mw and
+    rest being the line's weighted_parts: the gradient of log|sum b exp(x)|; 0 where that sum
+    is 0 (logsumexp -inf) and wherever the weight is 0.  out may be x or b."""
+    cdef double scale = grad_scale(g[0], &M, mw, rest), bk
     cdef Py_ssize_t k
     cdef floating mf
-    weighted_parts(x, sx, b, sb, w, sw, n, &M, &mw, &rest)
-    if M == INFINITY:
-        M = NAN
-    if M == -INFINITY or mw + rest == 0:
-        scale = 0.0
-        M = 0.0
-    else:
-        scale = g[0] / (mw + rest)
-    if (sx == 1 and (b == NULL or sb == 1) and (w == NULL or sw == 1)
+    if ((b == NULL or sb == 1) and (w == NULL or sw == 1)
             and -INFINITY < M < INFINITY and scale != 0):
         mf = <floating>M                    # the max of the x: exact
         weighted_grad_row(x, b, w, out, n, mf, scale * unscale(mf))
         return
     for k in range(n):
         bk = weight_at(b, sb, w, sw, k)
-        out[k * sx] = <floating>(0.0 if bk == 0 else
-                                 scale * bk * exp_diff_s[double](x[k * sx], M))
+        out[k] = <floating>(0.0 if bk == 0 else scale * bk * grad_exp(x[k], M))
+
+
+cdef void weighted_grad_panel(const floating* g, const floating* x, Py_ssize_t s,
+                              const floating* b, Py_ssize_t bs1, Py_ssize_t bs2,
+                              const unsigned char* w, Py_ssize_t ws1, Py_ssize_t ws2,
+                              floating* out, Py_ssize_t n, Py_ssize_t cw, const double* M,
+                              const double* mw, const double* rest) noexcept nogil:
+    """weighted_grad_line for cw <= JB neighbouring columns (strides as in weighted_panel),
+    vectorized across the columns."""
+    cdef double sc[JB]
+    cdef double Mx[JB]
+    cdef floating buf[JB]
+    cdef const floating* wt
+    cdef Py_ssize_t i, j
+    cdef double e
+    for j in range(cw):
+        Mx[j] = M[j]
+        sc[j] = grad_scale(g[j], &Mx[j], mw[j], rest[j])
+    for i in range(n):
+        wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
+                            NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+        for j in range(cw):
+            e = grad_exp(x[i * s + j], Mx[j])
+            out[i * s + j] = 0 if wt[j] == 0 else <floating>(sc[j] * wt[j] * e)
+
+
+cdef void weighted_row(const floating* x, const floating* b, Py_ssize_t bs0, Py_ssize_t bs1,
+                       const unsigned char* w, Py_ssize_t ws0, Py_ssize_t ws1, Py_ssize_t n,
+                       Py_ssize_t o, floating* out, floating* sign, const floating* g,
+                       floating* grad) noexcept nogil:
+    """Row o of a weighted kernel on (outer, n) x.  g NULL: out[o] (and sign[o], when sign is
+    not NULL) get its logsumexp; else grad's row o gets its gradient for g[o]."""
+    cdef double M, mw, rest
+    cdef const floating* bl = NULL if b == NULL else b + o * bs0
+    cdef const unsigned char* wl = NULL if w == NULL else w + o * ws0
+    weighted_parts(x + o * n, bl, bs1, wl, ws1, n, &M, &mw, &rest)
+    if g == NULL:
+        weighted_finish(M, mw, rest, out + o, NULL if sign == NULL else sign + o)
+    else:
+        weighted_grad_line(g + o, x + o * n, bl, bs1, wl, ws1, grad + o * n, n, M, mw, rest)
+
+
+cdef void weighted_cols(const floating* x, const floating* b, Py_ssize_t bs0, Py_ssize_t bs1,
+                        Py_ssize_t bs2, const unsigned char* w, Py_ssize_t ws0, Py_ssize_t ws1,
+                        Py_ssize_t ws2, Py_ssize_t n, Py_ssize_t inner, Py_ssize_t t,
+                        floating* out, floating* sign, const floating* g,
+                        floating* grad) noexcept nogil:
+    """Panel t (JB columns) of a weighted kernel on (outer, n, inner) x, as weighted_row."""
+    cdef double M[JB]
+    cdef double mw[JB]
+    cdef double rest[JB]
+    cdef Py_ssize_t nb = (inner + JB - 1) // JB, o = t // nb, j0 = (t % nb) * JB, j
+    cdef Py_ssize_t cw = JB if j0 + JB <= inner else inner - j0
+    cdef Py_ssize_t r = o * inner + j0          # the first column's index in out and g
+    cdef const floating* xl = x + o * n * inner + j0
+    cdef const floating* bl = NULL if b == NULL else b + o * bs0 + j0 * bs2
+    cdef const unsigned char* wl = NULL if w == NULL else w + o * ws0 + j0 * ws2
+    weighted_panel(xl, inner, bl, bs1, bs2, wl, ws1, ws2, n, cw, M, mw, rest)
+    if g == NULL:
+        for j in range(cw):
+            weighted_finish(M[j], mw[j], rest[j], out + r + j, NULL if sign == NULL else
+                            sign + r + j)
+    else:
+        weighted_grad_panel(g + r, xl, inner, bl, bs1, bs2, wl, ws1, ws2,
+                            grad + o * n * inner + j0, n, cw, M, mw, rest)
+
+
+cdef inline Py_ssize_t weighted_tasks(Py_ssize_t outer, Py_ssize_t inner) noexcept nogil:
+    return outer if inner == 1 else outer * ((inner + JB - 1) // JB)
 
 
 def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, :] b,
@@ -1605,27 +1790,23 @@ def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, :] b,
     """OUT out = log|sum b exp(x)| over axis 1; OUT sign its sign in {-1, 0, +1} (when sign is
     None, a negative sum gives NaN).  b (None: weights of 1) and where (None: no mask; 0
     masks out) have x's shape and any strides (0 for a broadcast axis)."""
-    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
-    cdef const floating* xp = &x[0, 0, 0]
+    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2], t
     cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
     cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
-    cdef floating* op = &out[0, 0]
     cdef floating* sp = NULL if sign is None else &sign[0, 0]
-    cdef Py_ssize_t bs0 = 0, bs1 = 0, bs2 = 0, ws0 = 0, ws1 = 0, ws2 = 0
-    cdef Py_ssize_t t, o, j
+    cdef Py_ssize_t bs[3]
+    cdef Py_ssize_t ws[3]
     cdef int nt = n_threads(outer * n * inner)
-    if b is not None:
-        bs0, bs1, bs2 = (b.strides[0] // sizeof(floating), b.strides[1] // sizeof(floating),
-                         b.strides[2] // sizeof(floating))
-    if where is not None:
-        ws0, ws1, ws2 = where.strides[0], where.strides[1], where.strides[2]
-    for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
-        o = t // inner
-        j = t % inner
-        weighted_line(xp + o * n * inner + j, inner,
-                      NULL if bp == NULL else bp + o * bs0 + j * bs2, bs1,
-                      NULL if wp == NULL else wp + o * ws0 + j * ws2, ws1,
-                      op + t, NULL if sp == NULL else sp + t, n)
+    strides_of(b, where, bs, ws)
+    if inner == 1:
+        for t in prange(outer, nogil=True, num_threads=nt, schedule="static"):
+            weighted_row(&x[0, 0, 0], bp, bs[0], bs[1], wp, ws[0], ws[1], n, t, &out[0, 0], sp,
+                         <const floating*>NULL, <floating*>NULL)
+    else:
+        for t in prange(weighted_tasks(outer, inner), nogil=True, num_threads=nt,
+                        schedule="static"):
+            weighted_cols(&x[0, 0, 0], bp, bs[0], bs[1], bs[2], wp, ws[0], ws[1], ws[2], n,
+                          inner, t, &out[0, 0], sp, <const floating*>NULL, <floating*>NULL)
 
 
 def logsumexp_backward_weighted(const floating[:, ::1] g, const floating[:, :, ::1] x,
@@ -1633,25 +1814,129 @@ def logsumexp_backward_weighted(const floating[:, ::1] g, const floating[:, :, :
                                 const unsigned char[:, :, :] where=None):
     """OUT out = g * b * exp(x - logsumexp(x, b)), 0 where the weight is 0 (or masked out by
     where) or the sum is 0.  b and where as in logsumexp_weighted."""
-    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
-    cdef const floating* gp = &g[0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
+    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2], t
     cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
     cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
-    cdef floating* op = &out[0, 0, 0]
-    cdef Py_ssize_t bs0 = 0, bs1 = 0, bs2 = 0, ws0 = 0, ws1 = 0, ws2 = 0
-    cdef Py_ssize_t t, o, j, line
+    cdef Py_ssize_t bs[3]
+    cdef Py_ssize_t ws[3]
     cdef int nt = n_threads(outer * n * inner)
-    if b is not None:
-        bs0, bs1, bs2 = (b.strides[0] // sizeof(floating), b.strides[1] // sizeof(floating),
-                         b.strides[2] // sizeof(floating))
-    if where is not None:
-        ws0, ws1, ws2 = where.strides[0], where.strides[1], where.strides[2]
-    for t in prange(outer * inner, nogil=True, num_threads=nt, schedule="static"):
-        o = t // inner
-        j = t % inner
-        line = o * n * inner + j
-        weighted_grad_line(gp + t, xp + line, inner,
-                           NULL if bp == NULL else bp + o * bs0 + j * bs2, bs1,
-                           NULL if wp == NULL else wp + o * ws0 + j * ws2, ws1,
-                           op + line, n)
+    strides_of(b, where, bs, ws)
+    if inner == 1:
+        for t in prange(outer, nogil=True, num_threads=nt, schedule="static"):
+            weighted_row(&x[0, 0, 0], bp, bs[0], bs[1], wp, ws[0], ws[1], n, t, <floating*>NULL,
+                         <floating*>NULL, &g[0, 0], &out[0, 0, 0])
+    else:
+        for t in prange(weighted_tasks(outer, inner), nogil=True, num_threads=nt,
+                        schedule="static"):
+            weighted_cols(&x[0, 0, 0], bp, bs[0], bs[1], bs[2], wp, ws[0], ws[1], ws[2], n,
+                          inner, t, <floating*>NULL, <floating*>NULL, &g[0, 0], &out[0, 0, 0])
+
+
+cdef void strides_of(const floating[:, :, :] b, const unsigned char[:, :, :] where,
+                     Py_ssize_t* bs, Py_ssize_t* ws):
+    """OUT bs, ws: the strides of b (in elements) and of the mask (0 for None)."""
+    cdef int k
+    for k in range(3):
+        bs[k] = 0 if b is None else b.strides[k] // <Py_ssize_t>sizeof(floating)
+        ws[k] = 0 if where is None else where.strides[k]
+
+
+# ---------------------------------------------------------------------------------------------
+# log_softmax and softmax backward with where=: the masked entries take no part in the sum and
+# get 0.  One line at a time, as the weighted kernels.
+
+
+cdef void masked_backward_row(int op, const floating* g, const floating* q, floating* out,
+                              const unsigned char* w, Py_ssize_t sw, Py_ssize_t n) noexcept nogil:
+    """One row of log_softmax_backward (q: y) or softmax_backward (q: p) under a mask (its
+    entries sw apart); out may be g or q.  A contiguous mask: the kept entries gathered CHUNK
+    at a time and summed by block_sum, the chunks added with TwoSum, then the output in double
+    and the masked entries set to 0.  Other strides (a broadcast mask: sw == 0): a scalar
+    loop."""
+    cdef floating gb[CHUNK]
+    cdef floating qb[CHUNK]
+    cdef Py_ssize_t c, cm, i
+    cdef double t = 0.0, cc = 0.0, G, v
+    cdef bint lsm = op == OP_LOG_SOFTMAX_BACKWARD
+    if sw == 1:
+        c = 0
+        while c < n:
+            cm = CHUNK if n - c > CHUNK else n - c
+            for i in range(cm):
+                gb[i] = g[c + i] if w[c + i] != 0 else 0
+                qb[i] = q[c + i] if w[c + i] != 0 else 0
+            two_sum_add(&t, &cc, block_sum(gb, <const floating*>NULL if lsm else qb, cm))
+            c += CHUNK
+        G = t + cc
+        for i in range(n):      # as row_output's double loops (not a call of it: its inlining
+            v = (g[i] - exp_wide(q[i]) * G if lsm else      # into the unmasked kernels
+                 q[i] * (g[i] - G))                         # would change)
+            out[i] = <floating>v if w[i] != 0 else 0
+        return
+    for i in range(n):
+        if w[i * sw] != 0:
+            two_sum_add(&t, &cc, g[i] if lsm else <double>g[i] * <double>q[i])
+    G = t + cc
+    for i in range(n):
+        if w[i * sw] == 0:
+            out[i] = 0
+        elif lsm:
+            out[i] = <floating>(g[i] - exp_wide(q[i]) * G)
+        else:
+            out[i] = <floating>(q[i] * (g[i] - G))
+
+
+cdef void masked_backward_panel(int op, const floating* g, const floating* q, floating* out,
+                                Py_ssize_t s, const unsigned char* w, Py_ssize_t ws1,
+                                Py_ssize_t ws2, Py_ssize_t n, Py_ssize_t cw) noexcept nogil:
+    """masked_backward_row for cw <= JB neighbouring columns (rows s apart; the mask steps
+    ws1 along a column, ws2 across), vectorized across the columns: each kept term added to
+    its column's compensated sum (TwoSum)."""
+    cdef double tot[JB]
+    cdef double comp[JB]
+    cdef unsigned char keep[JB]
+    cdef Py_ssize_t i, j
+    cdef double t, qv
+    cdef bint lsm = op == OP_LOG_SOFTMAX_BACKWARD
+    for j in range(cw):
+        tot[j] = 0.0
+        comp[j] = 0.0
+    for i in range(n):          # (the loads are unconditional, for the vectorizer)
+        for j in range(cw):
+            keep[j] = w[i * ws1 + j * ws2]
+        for j in range(cw):
+            qv = q[i * s + j]
+            t = g[i * s + j] * (1.0 if lsm else qv)
+            two_sum_add(&tot[j], &comp[j], t if keep[j] != 0 else 0.0)
+    for j in range(cw):
+        tot[j] += comp[j]
+    for i in range(n):
+        for j in range(cw):
+            keep[j] = w[i * ws1 + j * ws2]
+        for j in range(cw):
+            qv = q[i * s + j]
+            t = (g[i * s + j] - exp_wide(q[i * s + j]) * tot[j] if lsm else
+                 qv * (g[i * s + j] - tot[j]))
+            out[i * s + j] = <floating>t if keep[j] != 0 else 0
+
+
+cdef void masked_backward(int op, const floating[:, :, ::1] g, const floating[:, :, ::1] q,
+                          floating[:, :, ::1] out, const unsigned char[:, :, :] where):
+    """log_softmax_backward (op; q: y) or softmax_backward (q: p) under the mask where (any
+    strides): rows one at a time, columns JB at a time."""
+    cdef Py_ssize_t outer = q.shape[0], n = q.shape[1], inner = q.shape[2]
+    cdef Py_ssize_t nb = (inner + JB - 1) // JB
+    cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
+    cdef Py_ssize_t t, o, j0, line
+    for t in prange(weighted_tasks(outer, inner), nogil=True,
+                    num_threads=n_threads(outer * n * inner), schedule="static"):
+        if inner == 1:
+            masked_backward_row(op, &g[t, 0, 0], &q[t, 0, 0], &out[t, 0, 0], &where[t, 0, 0],
+                                ws1, n)
+        else:
+            o = t // nb
+            j0 = (t % nb) * JB
+            line = o * n * inner + j0
+            masked_backward_panel(op, &g[0, 0, 0] + line, &q[0, 0, 0] + line,
+                                  &out[0, 0, 0] + line, inner, &where[0, 0, 0] + o * ws0 + j0 * ws2,
+                                  ws1, ws2, n, JB if j0 + JB <= inner else inner - j0)

@@ -478,6 +478,62 @@ def test_where_backward(lsm, dtype, garbage):
     assert np.all(np.abs(dp - ref) <= 8 * e * scale)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [16, 37, 600, 1300])
+@pytest.mark.parametrize("layout", ["full", "row-broadcast", "col-broadcast", "strided", "axis0"])
+def test_where_long_rows(lsm, dtype, n, layout):
+    """where= on rows long enough for the kernels' vector loops (and their chunks of 512), with
+    masks of every kind of stride (the kernels read them as views): full, one row broadcast to
+    all, one value per row broadcast along it, a strided slice, and along axis 0.  NaN, inf
+    and 1e30 in the masked entries of x, g, y and p must change nothing."""
+    rng = np.random.default_rng(n)
+    R = 6
+    x = data((R, n), dtype, seed=n)
+    w = {"full": rng.random((R, n)) < 0.7, "row-broadcast": rng.random((1, n)) < 0.7,
+         "col-broadcast": np.array([[True], [False], [True], [True], [False], [True]]),
+         "strided": (rng.random((R, 2 * n)) < 0.7)[:, ::2], "axis0": rng.random((R, n)) < 0.7}[layout]
+    if layout in ("full", "strided", "axis0"):
+        w[0] = False                                    # a fully masked row
+        w[1, 5] = True
+    wf = np.broadcast_to(w, x.shape)
+    g = data((R, n), dtype, seed=n + 1)
+    junk = np.array([NAN, INF, dtype(1e30), -INF], dtype)
+    xg = x.copy()
+    xg[~wf] = junk[np.arange((~wf).sum()) % 4]
+    axis = 0 if layout == "axis0" else -1
+    T = (lambda a: a.T) if layout == "axis0" else (lambda a: a)
+    with no_warnings():
+        y = T(lsm.log_softmax(T(xg), axis=axis, where=T(w)))
+        p = T(lsm.softmax(T(xg), axis=axis, where=T(w)))
+    assert np.all(y[~wf] == -INF) and np.all(p[~wf] == 0)
+    assert_ulp_close(y[wf], ref_log_softmax(x, where=wf)[wf], dtype, 4)
+    with quiet():
+        np.testing.assert_allclose(p, ref_softmax(x, where=wf), rtol=16 * eps(dtype), atol=0)
+    gg, yg, pg = g.copy(), y.copy(), p.copy()
+    gg[~wf] = junk[np.arange((~wf).sum()) % 4]
+    yg[~wf] = junk[np.arange((~wf).sum()) % 4]
+    pg[~wf] = junk[np.arange((~wf).sum()) % 4]
+    e = eps(dtype)
+    for name, q, qg in (("log_softmax_backward", y, yg), ("softmax_backward", p, pg)):
+        f = getattr(lsm, name)
+        with no_warnings():
+            d = T(f(T(gg), T(qg), axis=axis, where=T(w)))
+            inplace = T(gg).copy()
+            f(inplace, T(qg), axis=axis, where=T(w), out=inplace)      # out=grad
+        assert_array_equal(T(inplace), d)
+        assert np.all(d[~wf] == 0) and not np.isnan(d).any()
+        gw = np.where(wf, g, 0)
+        if name == "log_softmax_backward":
+            ref = ref_log_softmax_backward(g, y, where=wf)
+            scale = np.abs(gw) + np.exp(np.where(wf, y, -INF)) * np.sum(np.abs(gw), axis=-1,
+                                                                           keepdims=True)
+        else:
+            ref = ref_softmax_backward(g, p, where=wf)
+            pw = np.where(wf, p, 0)
+            scale = pw * (np.abs(gw) + np.sum(np.abs(gw * pw), axis=-1, keepdims=True))
+        assert np.all(np.abs(d - ref) <= 4 * e * scale), name
+
+
 @pytest.mark.parametrize("keepdims", [False, True])
 def test_where_logsumexp_backward(lsm, keepdims):
     x, w = masked_case(np.float64, seed=8)
@@ -744,10 +800,10 @@ def test_weighted_long_rows(lsm, dtype, n, kind):
         assert np.isnan(dxr[3][weights[3] != 0]).all()
 
 
-def test_weighted_no_input_sized_temporary(backends, monkeypatch):
+def test_where_b_no_input_sized_temporary(backends, monkeypatch):
     """A broadcast b and a mask reach the compiled kernels as views: a call allocates its
-    result and O(1) scratch, never an array of x's size (b=, where=, and their backward).  (The
-    Python backend is the readable statement of the algorithms: it makes temporaries.)"""
+    result and O(1) scratch, never an array of x's size (b= and where= of every function).
+    (The Python backend is the readable statement of the algorithms: it makes temporaries.)"""
     import tracemalloc
 
     from cylsm import _api
@@ -763,7 +819,11 @@ def test_weighted_no_input_sized_temporary(backends, monkeypatch):
     calls = [lambda: cylsm.logsumexp(x, axis=1, b=b), lambda: cylsm.logsumexp(x, axis=1, where=m),
              lambda: cylsm.logsumexp(x, axis=1, b=b, where=m[:1]),
              lambda: cylsm.logsumexp(x.T, axis=0, b=b[:, None], return_sign=True),
-             lambda: cylsm.logsumexp_backward(g, x, axis=1, b=b, where=m, out=out)]
+             lambda: cylsm.logsumexp_backward(g, x, axis=1, b=b, where=m, out=out),
+             lambda: cylsm.log_softmax(x, where=m, out=out),
+             lambda: cylsm.softmax(x.T, axis=0, where=m.T, out=out.T),
+             lambda: cylsm.log_softmax_backward(x, x, where=m, out=out),
+             lambda: cylsm.softmax_backward(x.T, x.T, axis=0, where=m[:1].T, out=out.T)]
     for name, kernels in compiled:
         monkeypatch.setattr(_api, "_K", kernels)
         for k, call in enumerate(calls):
