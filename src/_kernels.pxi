@@ -1458,7 +1458,8 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
 cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned char* w,
                            Py_ssize_t n, floating mx, double* mw, double* rest) noexcept nogil:
     """OUT mw, rest of weighted_parts for the contiguous x[0:n] whose (finite) max is mx: the
-    exps in the data's precision (scaled, see unscale), the terms added in W double lanes,
+    exps in the data's precision (scaled, see unscale), times the weights and added in W
+    double lanes (float data: exact products),
     which are added to compensated lane totals after each chunk (float64: each run of RUN64
     groups), as in block_sumexp."""
     cdef double acc[W]
@@ -1492,7 +1493,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
                     v = xc[g * W + j]
                     bk = wt[g * W + j]
                     acc[j] = (acc[j] if v == mx else    # weight 0 (v may be > mx, inf, NaN):
-                              acc[j] + bk * exp_diff_s(v if bk != 0 else mx, mx))  # 0 * 1
+                              acc[j] + <double>bk * exp_diff_s(v if bk != 0 else mx, mx))  # 0
                     wacc[j] = wacc[j] + bk if v == mx else wacc[j]
             for j in range(W):
                 two_sum_add(&tot[j], &comp[j], acc[j])
@@ -1502,7 +1503,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
             if bk != 0 and xc[i] == mx:
                 ws += bk
             elif bk != 0:
-                two_sum_add(&t, &cc, bk * exp_diff_s(xc[i], mx))
+                two_sum_add(&t, &cc, <double>bk * exp_diff_s(xc[i], mx))
         c += CHUNK
     for j in range(W):
         two_sum_add(&t, &cc, tot[j])
