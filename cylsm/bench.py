@@ -877,8 +877,8 @@ def plot(cells: Sequence[Cell], title: str, path: str) -> None:
     plt = _pyplot()
     colors = dict(zip(OPS, plt.get_cmap("tab10").colors))
     bar_colors = [colors[c.op] for c in cells]
-    fig, (left, right) = plt.subplots(1, 2, sharey=True,
-                                      figsize=(14, 1.8 + 0.2 * len(cells)), squeeze=True)
+    height = 1.8 + 0.2 * len(cells)
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(14, height), squeeze=True)
     speedup = [1 / c.peer_ratio() for c in cells]
     _bars(left, speedup, bar_colors, "speed-up over the best peer (peer time / cylsm time)")
     left.axvline(1 / PEER_LIMIT, color="black", linestyle="--", label="target 1/0.8 = 1.25")
@@ -892,7 +892,7 @@ def plot(cells: Sequence[Cell], title: str, path: str) -> None:
     left.set_yticklabels([c.title() for c in cells], fontsize=8, family="monospace")
     left.set_ylim(len(cells) - 0.5, -0.5)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))     # the title above the legends
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
