@@ -827,21 +827,21 @@ cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
 
 cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_ssize_t n,
                                  double M) noexcept nogil:
-    """out = g - exp(y) * M for a row (or superblock) of float data, M being the sum of the
-    row's gradient g: log_softmax_backward's output, rounded once.  Whether it was done (if
-    not, row_output does it in double): where the target has a fused multiply-add and M is 0
-    or within 2^-62..2^36, in float with twice the lanes (15-30% faster): the scaled exp (about 1.0 ulp, against exp_wide's 1.4) times M
-    rounded to float (half an ulp) in one fused multiply-add.  Worst error measured, in units
-    of 2^-24 (|g| + exp(y) sum |g|): 1.5, against 1.1 in double and 2.3 for the plain float
-    formula that torch and jax evaluate.  (Within those bounds M's float is normal, and the
-    exps that the scaled exp flushes to 0 contribute less than half of float's smallest
-    subnormal.)  The scaled exp needs y <= 0, as log_softmax gives (NaN is fine): the y > 0
-    are counted on the way, and if there are any, the row is left to be done again.  In place
-    (out is y or g) that would be too late: the y are checked first (which costs a pass,
-    stalled on loads).  The result depends on the row alone, not on its neighbours nor on
-    out.  Out of line, one call per row: a variant that took a tile of short rows at once
-    made GCC stop inlining row_output and run_task (10-20% slower short rows of the other
-    backward ops)."""
+    """out = g - exp(y) * M for a row (or superblock) of float data, M being the sum of the row's
+    gradient g: log_softmax_backward's output, rounded once.  Whether it was done (if not,
+    row_output does it in double): where the target has a fused multiply-add and M is 0 or
+    within 2^-62..2^36, in float with twice the lanes (15-30% faster): the scaled exp (about 1.0
+    ulp, against exp_wide's 1.4) times M rounded to float (half an ulp) in one fused
+    multiply-add.  Worst error measured, in units of 2^-24 (|g| + exp(y) sum |g|): 1.5, against
+    1.1 in double and 2.3 for the plain float formula that torch and jax evaluate.  (Within
+    those bounds M's float is normal, and the exps that the scaled exp flushes to 0 contribute
+    less than half of float's smallest subnormal.) The scaled exp needs y <= 0, as log_softmax
+    gives (NaN is fine): the y > 0 are counted on the way, and if there are any, the row is left
+    to be done again.  In place (out is y or g) that would be too late: the y are checked first
+    (which costs a pass, stalled on loads). The result depends on the row alone, not on its
+    neighbours nor on out.  Out of line, one call per row: a variant that took a tile of short
+    rows at once made GCC stop inlining row_output and run_task (10-20% slower short rows of the
+    other backward ops)."""
     cdef Py_ssize_t i
     cdef int positive = 0
     cdef float Ms, v
@@ -1386,6 +1386,21 @@ cdef inline floating weight_at(const floating* b, Py_ssize_t sb, const unsigned 
     return bk if w == NULL or w[k * sw] != 0 else 0
 
 
+cdef inline const floating* shifted(const floating* b, Py_ssize_t k) noexcept nogil:
+    """b + k, or NULL for a NULL b (no arithmetic on a null pointer)."""
+    if b == NULL:
+        return NULL
+    return b + k
+
+
+cdef inline const unsigned char* shifted_mask(const unsigned char* w,
+                                             Py_ssize_t k) noexcept nogil:
+    """w + k, or NULL for a NULL w."""
+    if w == NULL:
+        return NULL
+    return w + k
+
+
 cdef inline const floating* gather_weights(const floating* b, Py_ssize_t sb,
                                            const unsigned char* w, Py_ssize_t sw, Py_ssize_t m,
                                            floating* buf) noexcept nogil:
@@ -1434,7 +1449,7 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
                             cm, buf)
         xc = x + c
         for g in range(cm // W):
@@ -1458,8 +1473,8 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
 cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned char* w,
                            Py_ssize_t n, floating mx, double* mw, double* rest) noexcept nogil:
     """OUT mw, rest of weighted_parts for the contiguous x[0:n] whose (finite) max is mx: the
-    exps in the data's precision (scaled, see unscale), times the weights and added in W
-    double lanes (float data: exact products),
+    exps in double for float data too (weights of both signs can cancel, and a float exp's
+    rounding would grow by the same factor), times the weights and added in W double lanes,
     which are added to compensated lane totals after each chunk (float64: each run of RUN64
     groups), as in block_sumexp."""
     cdef double acc[W]
@@ -1480,7 +1495,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
                             cm, buf)
         xc = x + c
         g0 = 0
@@ -1493,7 +1508,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
                     v = xc[g * W + j]
                     bk = wt[g * W + j]
                     acc[j] = (acc[j] if v == mx else    # weight 0 (v may be > mx, inf, NaN):
-                              acc[j] + <double>bk * exp_diff_s(v if bk != 0 else mx, mx))  # 0
+                              acc[j] + bk * exp_diff_s[double](v if bk != 0 else mx, mx))
                     wacc[j] = wacc[j] + bk if v == mx else wacc[j]
             for j in range(W):
                 two_sum_add(&tot[j], &comp[j], acc[j])
@@ -1503,14 +1518,14 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
             if bk != 0 and xc[i] == mx:
                 ws += bk
             elif bk != 0:
-                two_sum_add(&t, &cc, <double>bk * exp_diff_s(xc[i], mx))
+                two_sum_add(&t, &cc, bk * exp_diff_s[double](xc[i], mx))
         c += CHUNK
     for j in range(W):
         two_sum_add(&t, &cc, tot[j])
         cc += comp[j]
         ws += wacc[j]
     mw[0] = ws
-    rest[0] = (t + cc) * unscale(mx)
+    rest[0] = t + cc
 
 
 cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned char* w,
@@ -1524,7 +1539,7 @@ cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(NULL if b == NULL else b + c, 1, NULL if w == NULL else w + c, 1,
+        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
                             cm, buf)
         for i in range(cm):
             v = x[c + i]
@@ -1619,7 +1634,8 @@ cdef void weighted_panel(const floating* x, Py_ssize_t s, const floating* b, Py_
                          double* rest) noexcept nogil:
     """weighted_parts for cw <= JB neighbouring columns (x's rows s apart; b and the mask
     step bs1, ws1 along a column and bs2, ws2 across), vectorized across the columns: the
-    max pass, then the terms summed in runs of rows added with TwoSum, as in panel_sumexp."""
+    max pass, then the terms (exps in double, as in weighted_sum_row) summed in runs of rows
+    added with TwoSum, as in panel_sumexp."""
     cdef floating m[JB]
     cdef floating ms[JB]
     cdef int nan[JB]
@@ -1642,8 +1658,8 @@ cdef void weighted_panel(const floating* x, Py_ssize_t s, const floating* b, Py_
         comp[j] = 0.0
         ws[j] = 0.0
     for i in range(n):
-        wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
-                            NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+        wt = gather_weights(shifted(b, i * bs1), bs2,
+                            shifted_mask(w, i * ws1), ws2, cw, buf)
         xr = x + i * s
         for j in range(cw):
             v = xr[j]
@@ -1658,14 +1674,14 @@ cdef void weighted_panel(const floating* x, Py_ssize_t s, const floating* b, Py_
         for j in range(cw):
             part[j] = 0.0
         for i in range(k0, k1):
-            wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
-                                NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+            wt = gather_weights(shifted(b, i * bs1), bs2,
+                                shifted_mask(w, i * ws1), ws2, cw, buf)
             xr = x + i * s
             for j in range(cw):
                 v = xr[j]
                 bk = wt[j]
                 take = (bk != 0) & (v != m[j]) & (ms[j] == m[j])   # (M finite)
-                e = exp_diff_s(v if take else ms[j], ms[j])
+                e = exp_diff_s[double](v if take else ms[j], ms[j])
                 part[j] = part[j] + bk * e if take else part[j]
                 ws[j] = ws[j] + bk if v == m[j] else ws[j]
         for j in range(cw):
@@ -1674,7 +1690,7 @@ cdef void weighted_panel(const floating* x, Py_ssize_t s, const floating* b, Py_
     for j in range(cw):
         M[j] = NAN if nan[j] else m[j]
         mw[j] = NAN if nan[j] else ws[j]
-        rest[j] = NAN if nan[j] else (tot[j] + comp[j]) * unscale(m[0])
+        rest[j] = NAN if nan[j] else tot[j] + comp[j]
 
 
 cdef inline double grad_scale(double g, double* M, double mw, double rest) noexcept nogil:
@@ -1733,8 +1749,8 @@ cdef void weighted_grad_panel(const floating* g, const floating* x, Py_ssize_t s
         Mx[j] = M[j]
         sc[j] = grad_scale(g[j], &Mx[j], mw[j], rest[j])
     for i in range(n):
-        wt = gather_weights(NULL if b == NULL else b + i * bs1, bs2,
-                            NULL if w == NULL else w + i * ws1, ws2, cw, buf)
+        wt = gather_weights(shifted(b, i * bs1), bs2,
+                            shifted_mask(w, i * ws1), ws2, cw, buf)
         for j in range(cw):
             e = grad_exp(x[i * s + j], Mx[j])
             out[i * s + j] = 0 if wt[j] == 0 else <floating>(sc[j] * wt[j] * e)
@@ -1747,8 +1763,8 @@ cdef void weighted_row(const floating* x, const floating* b, Py_ssize_t bs0, Py_
     """Row o of a weighted kernel on (outer, n) x.  g NULL: out[o] (and sign[o], when sign is
     not NULL) get its logsumexp; else grad's row o gets its gradient for g[o]."""
     cdef double M, mw, rest
-    cdef const floating* bl = NULL if b == NULL else b + o * bs0
-    cdef const unsigned char* wl = NULL if w == NULL else w + o * ws0
+    cdef const floating* bl = shifted(b, o * bs0)
+    cdef const unsigned char* wl = shifted_mask(w, o * ws0)
     weighted_parts(x + o * n, bl, bs1, wl, ws1, n, &M, &mw, &rest)
     if g == NULL:
         weighted_finish(M, mw, rest, out + o, NULL if sign == NULL else sign + o)
@@ -1769,8 +1785,8 @@ cdef void weighted_cols(const floating* x, const floating* b, Py_ssize_t bs0, Py
     cdef Py_ssize_t cw = JB if j0 + JB <= inner else inner - j0
     cdef Py_ssize_t r = o * inner + j0          # the first column's index in out and g
     cdef const floating* xl = x + o * n * inner + j0
-    cdef const floating* bl = NULL if b == NULL else b + o * bs0 + j0 * bs2
-    cdef const unsigned char* wl = NULL if w == NULL else w + o * ws0 + j0 * ws2
+    cdef const floating* bl = shifted(b, o * bs0 + j0 * bs2)
+    cdef const unsigned char* wl = shifted_mask(w, o * ws0 + j0 * ws2)
     weighted_panel(xl, inner, bl, bs1, bs2, wl, ws1, ws2, n, cw, M, mw, rest)
     if g == NULL:
         for j in range(cw):
@@ -1792,12 +1808,16 @@ def logsumexp_weighted(const floating[:, :, ::1] x, const floating[:, :, :] b,
     None, a negative sum gives NaN).  b (None: weights of 1) and where (None: no mask; 0
     masks out) have x's shape and any strides (0 for a broadcast axis)."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2], t
-    cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
-    cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
+    cdef const floating* bp = NULL
+    cdef const unsigned char* wp = NULL
     cdef floating* sp = NULL if sign is None else &sign[0, 0]
     cdef Py_ssize_t bs[3]
     cdef Py_ssize_t ws[3]
     cdef int nt = n_threads(outer * n * inner)
+    if b is not None:
+        bp = &b[0, 0, 0]
+    if where is not None:
+        wp = &where[0, 0, 0]
     strides_of(b, where, bs, ws)
     if inner == 1:
         for t in prange(outer, nogil=True, num_threads=nt, schedule="static"):
@@ -1816,11 +1836,15 @@ def logsumexp_backward_weighted(const floating[:, ::1] g, const floating[:, :, :
     """OUT out = g * b * exp(x - logsumexp(x, b)), 0 where the weight is 0 (or masked out by
     where) or the sum is 0.  b and where as in logsumexp_weighted."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2], t
-    cdef const floating* bp = NULL if b is None else &b[0, 0, 0]
-    cdef const unsigned char* wp = NULL if where is None else &where[0, 0, 0]
+    cdef const floating* bp = NULL
+    cdef const unsigned char* wp = NULL
     cdef Py_ssize_t bs[3]
     cdef Py_ssize_t ws[3]
     cdef int nt = n_threads(outer * n * inner)
+    if b is not None:
+        bp = &b[0, 0, 0]
+    if where is not None:
+        wp = &where[0, 0, 0]
     strides_of(b, where, bs, ws)
     if inner == 1:
         for t in prange(outer, nogil=True, num_threads=nt, schedule="static"):
@@ -1939,5 +1963,6 @@ cdef void masked_backward(int op, const floating[:, :, ::1] g, const floating[:,
             j0 = (t % nb) * JB
             line = o * n * inner + j0
             masked_backward_panel(op, &g[0, 0, 0] + line, &q[0, 0, 0] + line,
-                                  &out[0, 0, 0] + line, inner, &where[0, 0, 0] + o * ws0 + j0 * ws2,
-                                  ws1, ws2, n, JB if j0 + JB <= inner else inner - j0)
+                                  &out[0, 0, 0] + line, inner,
+                                  &where[0, 0, 0] + o * ws0 + j0 * ws2, ws1, ws2, n,
+                                  JB if j0 + JB <= inner else inner - j0)

@@ -800,6 +800,36 @@ def test_weighted_long_rows(lsm, dtype, n, kind):
         assert np.isnan(dxr[3][weights[3] != 0]).all()
 
 
+@pytest.mark.parametrize("n, axis", [(3, 1), (600, 1), (3, 0), (600, 0)])
+def test_weighted_signed_cancellation_float32(lsm, n, axis):
+    """Weights of both signs whose sum nearly cancels: the sum's rounding is magnified by the
+    cancellation, so float32 data must still get its exps in double (a float exp's 2^-24,
+    times a cancellation of 1000, missed this by 100x)."""
+    rng = np.random.default_rng(n + axis)
+    x = (3 * rng.standard_normal((400, n))).astype(np.float32)
+    b = (rng.random((400, n)) - 0.3).astype(np.float32)
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    partial = np.sum(b[:200, :-1] * e[:200, :-1], axis=1)       # rows 0..199: the last weight
+    b[:200, -1] = -partial / e[:200, -1] * (1 - 1e-3)           # cancels all but 1e-3 of it
+    xx, bb = (x, b) if axis == 1 else (x.T.copy(), b.T.copy())
+    with no_warnings():
+        v, s = lsm.logsumexp(xx, axis=axis, b=bb, return_sign=True)
+        d = lsm.logsumexp_backward(np.ones(400, np.float32), xx, axis=axis, b=bb)
+    d = d if axis == 1 else d.T
+    xl, bl = x.astype(np.longdouble), b.astype(np.longdouble)
+    M = xl.max(axis=1, keepdims=True)
+    terms = bl * np.exp(xl - M)
+    S = terms.sum(axis=1, keepdims=True)
+    ref = terms / S
+    cond = np.abs(terms).sum(axis=1) / np.abs(S[:, 0])
+    assert cond.max() > 100                             # some rows do cancel
+    assert_array_equal(s, np.sign(S[:, 0]).astype(np.float32))
+    ok = np.abs(d - ref) <= 4 * eps(np.float32) * np.abs(ref) + 1e-30
+    assert ok.all(), f"{(~ok).sum()} gradient entries off, worst row cancels {cond.max():.0f}x"
+    lv = np.log(np.abs(S[:, 0])) + M[:, 0]
+    assert_lse_close(v, lv, np.float32, bound=2.0)
+
+
 def test_where_b_no_input_sized_temporary(backends, monkeypatch):
     """A broadcast b and a mask reach the compiled kernels as views: a call allocates its
     result and O(1) scratch, never an array of x's size (b= and where= of every function).
