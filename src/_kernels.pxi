@@ -1334,7 +1334,7 @@ def mask_fill(floating[:, :, ::1] a, const unsigned char[:, :, :] where, double 
     """OUT a = value where the mask (any strides) is 0: the masked entries of log_softmax and
     softmax with where=, without an array of the inverted mask."""
     cdef Py_ssize_t outer = a.shape[0], n = a.shape[1], inner = a.shape[2], o, i, j
-    cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
+    cdef Py_ssize_t ws1 = where.strides[1], ws2 = where.strides[2]
     cdef floating v = <floating>value
     cdef floating* row
     cdef const unsigned char* wrow
@@ -1367,8 +1367,8 @@ def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
 # elements are taken out of the sum: log(sum b e^x) = M + log|mw| + log1p(rest / mw).  The
 # weights b (1 when not given) and the mask w (all when not given) are read through their own
 # strides, so a broadcast b or mask is never made into an array of x's size; an entry of weight
-# 0 or masked out takes no part, even where x is inf or NaN.  Lines whose x, b and mask are
-# contiguous take the vector loops, the others a scalar loop.
+# 0 or masked out takes no part, even where x is inf or NaN.  Rows and panels of columns take
+# vector loops; only a row whose max is infinite, or whose sum is 0, has scalar loops.
 
 
 cdef double sign_of(double v) noexcept nogil:
@@ -1431,10 +1431,11 @@ cdef inline const floating* gather_weights(const floating* b, Py_ssize_t sb,
     return buf
 
 
-cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned char* w,
-                           Py_ssize_t n, floating* M) noexcept nogil:
+cdef bint weighted_max_row(const floating* x, const floating* b, Py_ssize_t sb,
+                           const unsigned char* w, Py_ssize_t sw, Py_ssize_t n,
+                           floating* M) noexcept nogil:
     """OUT M: the max of the contiguous x[0:n] over the entries of nonzero weight (-inf if
-    none), in W lanes.  Whether one of those entries is NaN."""
+    none; b and the mask sb, sw apart), in W lanes.  Whether one of those entries is NaN."""
     cdef floating m[W]
     cdef int nan[W]
     cdef floating buf[CHUNK]
@@ -1449,8 +1450,7 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
-                            cm, buf)
+        wt = gather_weights(shifted(b, c * sb), sb, shifted_mask(w, c * sw), sw, cm, buf)
         xc = x + c
         for g in range(cm // W):
             for j in range(W):
@@ -1470,8 +1470,9 @@ cdef bint weighted_max_row(const floating* x, const floating* b, const unsigned 
     return nans != 0
 
 
-cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned char* w,
-                           Py_ssize_t n, floating mx, double* mw, double* rest) noexcept nogil:
+cdef void weighted_sum_row(const floating* x, const floating* b, Py_ssize_t sb,
+                           const unsigned char* w, Py_ssize_t sw, Py_ssize_t n, floating mx,
+                           double* mw, double* rest) noexcept nogil:
     """OUT mw, rest of weighted_parts for the contiguous x[0:n] whose (finite) max is mx: the
     exps in double for float data too (weights of both signs can cancel, and a float exp's
     rounding would grow by the same factor), times the weights and added in W double lanes,
@@ -1495,8 +1496,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
-                            cm, buf)
+        wt = gather_weights(shifted(b, c * sb), sb, shifted_mask(w, c * sw), sw, cm, buf)
         xc = x + c
         g0 = 0
         while g0 < cm // W:
@@ -1528,8 +1528,9 @@ cdef void weighted_sum_row(const floating* x, const floating* b, const unsigned 
     rest[0] = t + cc
 
 
-cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned char* w,
-                            floating* out, Py_ssize_t n, floating mx, double scale) noexcept nogil:
+cdef void weighted_grad_row(const floating* x, const floating* b, Py_ssize_t sb,
+                            const unsigned char* w, Py_ssize_t sw, floating* out, Py_ssize_t n,
+                            floating mx, double scale) noexcept nogil:
     """out = scale * weight * exp(x - mx) for the contiguous x[0:n] (scale: for the scaled
     exps), 0 where the weight is 0.  out may be x or b."""
     cdef floating buf[CHUNK]
@@ -1539,8 +1540,7 @@ cdef void weighted_grad_row(const floating* x, const floating* b, const unsigned
     c = 0
     while c < n:
         cm = CHUNK if n - c > CHUNK else n - c
-        wt = gather_weights(shifted(b, c), 1, shifted_mask(w, c), 1,
-                            cm, buf)
+        wt = gather_weights(shifted(b, c * sb), sb, shifted_mask(w, c * sw), sw, cm, buf)
         for i in range(cm):
             v = x[c + i]
             bk = wt[i]
@@ -1555,43 +1555,26 @@ cdef void weighted_parts(const floating* x, const floating* b, Py_ssize_t sb,
     """OUT M: max of x over the entries of nonzero weight (-inf if none; NaN if one of them is
     NaN); OUT mw: sum of the weights of the maximal entries (of the +inf entries when M is
     +inf); OUT rest: sum of b * exp(x - M) over the others (0 when M is not finite).  x, b and
-    w are read k, k * sb and k * sw apart: a row (weighted_panel does columns)."""
+    w are read k, k * sb and k * sw apart: a row (weighted_panel does columns), in the vector
+    loops of weighted_max_row and weighted_sum_row."""
     cdef Py_ssize_t k
-    cdef double v, bk, mx = -INFINITY, wsum = 0.0, tot = 0.0, comp = 0.0
-    cdef floating mf
-    cdef bint row = (b == NULL or sb == 1) and (w == NULL or sw == 1)
-    if row:
-        if weighted_max_row(x, b, w, n, &mf):
-            M[0] = NAN
-            mw[0] = NAN
-            rest[0] = NAN
-            return
-        if -INFINITY < mf < INFINITY:
-            M[0] = mf
-            weighted_sum_row(x, b, w, n, mf, mw, rest)
-            return
-    for k in range(n):
-        bk = weight_at(b, sb, w, sw, k)
-        if bk != 0:
-            v = x[k]
-            if v != v:
-                M[0] = NAN
-                mw[0] = NAN
-                rest[0] = NAN
-                return
-            if v > mx:
-                mx = v
-    for k in range(n):
-        bk = weight_at(b, sb, w, sw, k)
-        if bk != 0:
-            v = x[k]
-            if v == mx:
-                wsum += bk
-            elif -INFINITY < mx < INFINITY:
-                two_sum_add(&tot, &comp, bk * exp_diff_s[double](v, mx))
+    cdef double bk, wsum = 0.0
+    cdef floating mx
+    if weighted_max_row(x, b, sb, w, sw, n, &mx):
+        M[0] = NAN
+        mw[0] = NAN
+        rest[0] = NAN
+        return
     M[0] = mx
+    if -INFINITY < mx < INFINITY:
+        weighted_sum_row(x, b, sb, w, sw, n, mx, mw, rest)
+        return
+    for k in range(n):          # a max of +-inf: the weights of the entries equal to it
+        bk = weight_at(b, sb, w, sw, k)
+        if bk != 0 and x[k] == mx:
+            wsum += bk
     mw[0] = wsum
-    rest[0] = tot + comp
+    rest[0] = 0.0
 
 
 cdef void weighted_finish(double M, double mw, double rest, floating* out,
@@ -1722,10 +1705,9 @@ cdef void weighted_grad_line(const floating* g, const floating* x,
     cdef double scale = grad_scale(g[0], &M, mw, rest), bk
     cdef Py_ssize_t k
     cdef floating mf
-    if ((b == NULL or sb == 1) and (w == NULL or sw == 1)
-            and -INFINITY < M < INFINITY and scale != 0):
+    if -INFINITY < M < INFINITY and scale != 0:
         mf = <floating>M                    # the max of the x: exact
-        weighted_grad_row(x, b, w, out, n, mf, scale * unscale(mf))
+        weighted_grad_row(x, b, sb, w, sw, out, n, mf, scale * unscale(mf))
         return
     for k in range(n):
         bk = weight_at(b, sb, w, sw, k)
@@ -1940,8 +1922,7 @@ cdef void masked_backward_panel(int op, const floating* g, const floating* q, fl
             keep[j] = w[i * ws1 + j * ws2]
         for j in range(cw):
             qv = q[i * s + j]
-            t = (g[i * s + j] - exp_wide(q[i * s + j]) * tot[j] if lsm else
-                 qv * (g[i * s + j] - tot[j]))
+            t = g[i * s + j] - exp_wide(qv) * tot[j] if lsm else qv * (g[i * s + j] - tot[j])
             out[i * s + j] = <floating>t if keep[j] != 0 else 0
 
 
