@@ -740,16 +740,21 @@ def weighted_oracle(x, w):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [16, 37, 512, 1300])
-@pytest.mark.parametrize("kind", ["b", "b-broadcast", "where", "b-where"])
+@pytest.mark.parametrize("kind", ["b", "b-broadcast", "b-column", "where", "where-strided", "b-where"])
 def test_weighted_long_rows(lsm, dtype, n, kind):
     """b= and where= on rows long enough for the kernels' vector loops (and their chunks of
     512), along the last axis and along axis 0, with the special rows of SPEC section 2 among
-    ordinary ones; against a long-double oracle, and the gradient against the reference."""
+    ordinary ones; against a long-double oracle, and the gradient against the reference.
+    The weights and the mask come in every layout the kernels read: contiguous, one row for
+    all (n,), one weight per row (R, 1) (stride 0 along the row), and a mask that is a strided
+    view."""
     rng = np.random.default_rng(n)
     R = 9
     x = (2 * rng.standard_normal((R, n))).astype(dtype)
     b = rng.uniform(0.5, 2.0, (R, n)).astype(dtype)
     m = rng.random((R, n)) < 0.8
+    if kind == "where-strided":
+        m = (rng.random((R, 2 * n)) < 0.8)[:, ::2]      # a view: stride 2 along the row
     x[1, 3], x[1, 5], x[1, n - 1] = INF, NAN, -INF      # row 1: specials of weight 0
     b[1, 3] = b[1, 5] = 0
     m[1, 3] = m[1, 5] = False
@@ -768,7 +773,12 @@ def test_weighted_long_rows(lsm, dtype, n, kind):
     if kind == "b-broadcast":
         b = b[0]                                        # (n,): one row of weights for all
         x[[1, 2]] = x[0]                                # (the special rows need their own b)
-    kw = {"b": b} if kind in ("b", "b-broadcast") else {"where": m} if kind == "where" else {"b": b, "where": m}
+    elif kind == "b-column":
+        b = b[:, :1]                                    # (R, 1): one weight per row, a view
+        x[1] = x[0]                                     # (row 1's specials need their own b)
+    kw = ({"b": b} if kind.startswith("b") and "where" not in kind else
+          {"where": m} if kind.startswith("where") else {"b": b, "where": m})
+    assert kind != "where-strided" or not m.flags.c_contiguous
     weights = np.broadcast_to(b, x.shape) if "b" in kw else np.ones(x.shape)
     weights = np.where(m, weights, 0) if "where" in kw else weights
     rv, rs = weighted_oracle(x, weights)
