@@ -241,8 +241,7 @@ def _finish(res: np.ndarray, out: np.ndarray | None, rdt: np.dtype, scalar: bool
 # log_softmax and softmax
 
 
-def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: Any,
-               fill: float) -> Any:
+def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: Any) -> Any:
     xa = _array(x, fname, "x")
     rdt = _result_dtype(fname, xa, dtype=dtype)
     cdt = _compute_dtype(rdt)
@@ -263,17 +262,12 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     res = _result_buffer(outv, cdt, [xv] + ([] if mask is None else [mask]), layout)
     r3 = layout.view3(res)
     m3 = None if mask is None else layout.strided3(mask.view(np.uint8))   # a view
-    K = _kernels(cdt)
-    if m3 is not None or xv.dtype != cdt or not layout.fits(xv):
+    if xv.dtype != cdt or not layout.fits(xv):
         np.copyto(res, xv, casting="unsafe")       # work in place in the result
-        if m3 is not None:
-            K.mask_fill(r3, m3, -np.inf)
         x3 = r3
     else:
         x3 = layout.three(xv, cdt)
-    getattr(K, fname)(x3, r3)
-    if m3 is not None:
-        K.mask_fill(r3, m3, fill)
+    getattr(_kernels(cdt), fname)(x3, r3, m3)
     return _finish(res, out, rdt, scalar)
 
 
@@ -339,7 +333,7 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
         result = _fast("log_softmax", x, out=out)
         if result is not None:
             return result
-    return _normalize("log_softmax", x, axis, out, dtype, where, -np.inf)
+    return _normalize("log_softmax", x, axis, out, dtype, where)
 
 
 def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
@@ -387,7 +381,7 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
         result = _fast("softmax", x, out=out)
         if result is not None:
             return result
-    return _normalize("softmax", x, axis, out, dtype, where, 0.0)
+    return _normalize("softmax", x, axis, out, dtype, where)
 
 
 # ---------------------------------------------------------------------------------------------

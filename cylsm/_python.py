@@ -101,18 +101,28 @@ def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return M, L, S
 
 
-def log_softmax(x: np.ndarray, out: np.ndarray) -> None:
-    xc = _compute(x)
+def _masked(x: np.ndarray, where: np.ndarray | None) -> np.ndarray:
+    """x with -inf at the entries the mask leaves out (exp(-inf) takes no part in a sum)."""
+    return x if where is None else np.where(where != 0, x, -np.inf)
+
+
+def _put(out: np.ndarray, res: np.ndarray, where: np.ndarray | None, fill: float) -> None:
+    """out = res, and fill where the mask leaves an entry out."""
+    np.copyto(out, res if where is None else np.where(where != 0, res, fill), casting="unsafe")
+
+
+def log_softmax(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -> None:
+    xc = _masked(_compute(x), where)
     M, L, _ = _stats(xc)
     with np.errstate(all="ignore"):
-        np.copyto(out, (xc - M) - L, casting="unsafe")
+        _put(out, (xc - M) - L, where, -np.inf)
 
 
-def softmax(x: np.ndarray, out: np.ndarray) -> None:
-    xc = _compute(x)
+def softmax(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -> None:
+    xc = _masked(_compute(x), where)
     M, _, S = _stats(xc)
     with np.errstate(all="ignore"):
-        np.copyto(out, _exp_diff(xc, M) / S, casting="unsafe")
+        _put(out, _exp_diff(xc, M) / S, where, 0.0)
 
 
 def logsumexp(x: np.ndarray, out: np.ndarray) -> None:
@@ -138,7 +148,7 @@ def log_softmax_backward(g: np.ndarray, y: np.ndarray, out: np.ndarray,
     with np.errstate(all="ignore"):
         G = _sum(gc if where is None else np.where(where != 0, gc, 0))
         res = gc - np.exp(yc) * G
-        np.copyto(out, res if where is None else np.where(where != 0, res, 0), casting="unsafe")
+        _put(out, res, where, 0.0)
 
 
 def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray,
@@ -147,11 +157,7 @@ def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray,
     with np.errstate(all="ignore"):
         D = _sum(gc * pc if where is None else np.where(where != 0, gc * pc, 0))
         res = pc * (gc - D)
-        np.copyto(out, res if where is None else np.where(where != 0, res, 0), casting="unsafe")
-
-
-def mask_fill(a: np.ndarray, where: np.ndarray, value: float) -> None:
-    np.copyto(a, value, where=where == 0)
+        _put(out, res, where, 0.0)
 
 
 def _weighted_parts(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

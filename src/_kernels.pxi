@@ -1286,15 +1286,25 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
 # The kernels.  Arrays are (outer, n, inner), C-contiguous, of one dtype; reductions over axis 1.
 
 
-def log_softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
-    """OUT out = x - logsumexp(x) (out may be x)."""
+def log_softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out,
+                const unsigned char[:, :, :] where=None):
+    """OUT out = x - logsumexp(x) (out may be x).  where (None: no mask; any strides, 0 masks
+    out): the logsumexp over the entries it keeps, and -inf at the others."""
+    if where is not None:
+        masked_forward(OP_LOG_SOFTMAX, x, out, where, -INFINITY)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_LOG_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
             x.shape[0], x.shape[1], x.shape[2])
 
 
-def softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out):
-    """OUT out = exp(x) / sum(exp(x)) (out may be x)."""
+def softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out,
+            const unsigned char[:, :, :] where=None):
+    """OUT out = exp(x) / sum(exp(x)) (out may be x).  where: as in log_softmax, with 0 at the
+    masked entries."""
+    if where is not None:
+        masked_forward(OP_SOFTMAX, x, out, where, 0.0)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
             x.shape[0], x.shape[1], x.shape[2])
@@ -1328,29 +1338,6 @@ def softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] p,
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_SOFTMAX_BACKWARD, &p[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0],
             p.shape[0], p.shape[1], p.shape[2])
-
-
-def mask_fill(floating[:, :, ::1] a, const unsigned char[:, :, :] where, double value):
-    """OUT a = value where the mask (any strides) is 0: the masked entries of log_softmax and
-    softmax with where=, without an array of the inverted mask."""
-    cdef Py_ssize_t outer = a.shape[0], n = a.shape[1], inner = a.shape[2], o, i, j
-    cdef Py_ssize_t ws1 = where.strides[1], ws2 = where.strides[2]
-    cdef floating v = <floating>value
-    cdef floating* row
-    cdef const unsigned char* wrow
-    with nogil:
-        for o in range(outer):
-            if inner == 1:      # the mask's rows: contiguous (ws1 == 1) or broadcast
-                row = &a[o, 0, 0]
-                wrow = &where[o, 0, 0]
-                for i in range(n):
-                    row[i] = row[i] if wrow[i * ws1] != 0 else v
-                continue
-            for i in range(n):
-                row = &a[o, i, 0]
-                wrow = &where[o, i, 0]
-                for j in range(inner):
-                    row[j] = row[j] if wrow[j * ws2] != 0 else v
 
 
 def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
@@ -1947,3 +1934,179 @@ cdef void masked_backward(int op, const floating[:, :, ::1] g, const floating[:,
                                   &out[0, 0, 0] + line, inner,
                                   &where[0, 0, 0] + o * ws0 + j0 * ws2, ws1, ws2, n,
                                   JB if j0 + JB <= inner else inner - j0)
+
+
+# ---------------------------------------------------------------------------------------------
+# log_softmax and softmax with where=: the masked entries are set to -inf on the way into the
+# result, the unmasked kernel runs on the result in place (exp(-inf) takes no part in a sum),
+# and only the lines that need it get their masked entries set to the fill value afterwards:
+# those whose max is not finite, where the kernel gives SPEC's special values (NaN at -inf
+# entries among them).  Every other line already has -inf (log_softmax) or 0 (softmax) there.
+# Such a line keeps a NaN or +inf (the pass in finds those), or keeps nothing above -inf; then
+# every output of the line is NaN, its first one too, which the pass out looks at.
+# Tasks: rows cut into parts of SUPER elements (one long row is shared by the threads), short
+# rows grouped SUPER elements at a time, columns in blocks of JB.
+
+
+cdef inline const unsigned char* gather_mask(const unsigned char* w, Py_ssize_t sw,
+                                             Py_ssize_t m, unsigned char* buf) noexcept nogil:
+    """The m mask entries sw apart at w, contiguous: w itself (sw == 1), else copied to buf, so
+    that the loops that use them read them without a stride and vectorize."""
+    cdef Py_ssize_t i
+    if sw == 1:
+        return w
+    for i in range(m):
+        buf[i] = w[i * sw]
+    return buf
+
+
+cdef inline bint mask_in(const floating* x, const unsigned char* w, floating* out,
+                         Py_ssize_t m) noexcept nogil:
+    """OUT out[i] = x[i] where w[i] != 0, else -inf (i < m; out may be x).  Whether a kept
+    entry is NaN or +inf."""
+    cdef Py_ssize_t i
+    cdef int bad = 0
+    cdef floating v
+    for i in range(m):
+        v = x[i]            # (loaded unconditionally: a masked load was 3x slower on Zen 4)
+        v = v if w[i] != 0 else -INFINITY
+        out[i] = v
+        bad |= not (v < INFINITY)
+    return bad != 0
+
+
+cdef inline void mask_out(floating* out, const unsigned char* w, Py_ssize_t m,
+                          floating fill) noexcept nogil:
+    """OUT out[i] = fill where w[i] == 0 (i < m)."""
+    cdef Py_ssize_t i
+    for i in range(m):
+        out[i] = out[i] if w[i] != 0 else fill
+
+
+cdef bint mask_line(const floating* x, floating* out, const unsigned char* w, Py_ssize_t sw,
+                    Py_ssize_t m, bint fill_in, floating fill) noexcept nogil:
+    """mask_in (fill_in; returns its result) or mask_out for m entries of a row, the mask's sw
+    apart, CHUNK at a time."""
+    cdef unsigned char buf[CHUNK]
+    cdef Py_ssize_t c = 0, k
+    cdef bint bad = False
+    while c < m:
+        k = CHUNK if m - c > CHUNK else m - c
+        if fill_in:
+            bad |= mask_in(x + c, gather_mask(w + c * sw, sw, k, buf), out + c, k)
+        else:
+            mask_out(out + c, gather_mask(w + c * sw, sw, k, buf), k, fill)
+        c += CHUNK
+    return bad
+
+
+cdef bint masked_rows(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws0,
+                      Py_ssize_t ws1, Py_ssize_t n, Py_ssize_t r0, Py_ssize_t r1,
+                      Py_ssize_t i0, Py_ssize_t i1, bint fill_in, bint fix,
+                      floating fill) noexcept nogil:
+    """Entries i0 <= i < i1 of rows r0 <= r < r1 (the mask's rows ws0 apart, entries ws1).
+    fill_in: mask_in, returning whether a kept entry is NaN or +inf.  Else mask_out, on every
+    row when fix, otherwise on the rows whose first output is NaN."""
+    cdef Py_ssize_t r
+    cdef bint bad = False
+    if fill_in and ws1 == 1 and ws0 == n and i0 == 0 and i1 == n:   # one run: short rows
+        return mask_in(x + r0 * n, w + r0 * n, out + r0 * n, (r1 - r0) * n)
+    for r in range(r0, r1):
+        if fill_in:
+            bad |= mask_line(x + r * n + i0, out + r * n + i0, w + r * ws0 + i0 * ws1, ws1,
+                             i1 - i0, True, fill)
+        elif fix or out[r * n] != out[r * n]:
+            mask_line(x, out + r * n + i0, w + r * ws0 + i0 * ws1, ws1, i1 - i0, False, fill)
+    return bad
+
+
+cdef bint masked_cols(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws1,
+                      Py_ssize_t ws2, Py_ssize_t n, Py_ssize_t s, Py_ssize_t cw, bint fill_in,
+                      bint fix, floating fill) noexcept nogil:
+    """cw <= JB neighbouring columns of n rows s apart (the mask steps ws1 down, ws2 across):
+    mask_in (fill_in; returns whether a kept entry is NaN or +inf), or mask_out when fix or
+    one of the first outputs is NaN."""
+    cdef unsigned char buf[JB]
+    cdef Py_ssize_t i, j
+    cdef bint bad = False
+    if not fill_in:
+        for j in range(cw):
+            fix |= out[j] != out[j]
+        if not fix:
+            return False
+    for i in range(n):
+        if fill_in:
+            bad |= mask_in(x + i * s, gather_mask(w + i * ws1, ws2, cw, buf), out + i * s, cw)
+        else:
+            mask_out(out + i * s, gather_mask(w + i * ws1, ws2, cw, buf), cw, fill)
+    return bad
+
+
+cdef bint masked_task(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws0,
+                      Py_ssize_t ws1, Py_ssize_t ws2, Py_ssize_t outer, Py_ssize_t n,
+                      Py_ssize_t inner, Py_ssize_t parts, Py_ssize_t group, Py_ssize_t t,
+                      bint fill_in, bint fix, floating fill) noexcept nogil:
+    """Task t: part t % parts of row t // parts (parts > 1), rows [t * group, (t + 1) * group)
+    (parts == 1), or column block t % parts of outer index t // parts (inner > 1)."""
+    cdef Py_ssize_t o = t // parts, off
+    if inner == 1 and parts > 1:
+        off = (t % parts) * SUPER
+        return masked_rows(x, out, w, ws0, ws1, n, o, o + 1, off,
+                           off + SUPER if off + SUPER <= n else n, fill_in, fix, fill)
+    if inner == 1:
+        return masked_rows(x, out, w, ws0, ws1, n, t * group,
+                           (t + 1) * group if (t + 1) * group <= outer else outer, 0, n,
+                           fill_in, fix, fill)
+    off = (t % parts) * JB
+    return masked_cols(x + o * n * inner + off, out + o * n * inner + off,
+                       w + o * ws0 + off * ws2, ws1, ws2, n, inner,
+                       JB if off + JB <= inner else inner - off, fill_in, fix, fill)
+
+
+cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1] out,
+                         const unsigned char[:, :, :] where, floating fill):
+    """log_softmax or softmax (op) under the mask where (any strides; see above)."""
+    cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
+    cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
+    cdef Py_ssize_t parts = ((n + SUPER - 1) // SUPER if inner == 1 else
+                             (inner + JB - 1) // JB)
+    cdef Py_ssize_t group = SUPER // n if inner == 1 and n < SUPER else 1
+    cdef Py_ssize_t tasks = (outer + group - 1) // group * parts
+    cdef Py_ssize_t line = parts if inner == 1 else 1    # tasks of a row share its flag
+    cdef Py_ssize_t t, u
+    cdef int nt = n_threads(outer * n * inner), f
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* op_ = &out[0, 0, 0]
+    cdef const unsigned char* wp = &where[0, 0, 0]
+    cdef unsigned char* bad = <unsigned char*>malloc(tasks)
+    if bad == NULL:
+        raise MemoryError(f"cylsm: could not allocate {tasks} bytes for a mask's flags")
+    with nogil:
+        if nt == 1 or tasks == 1:
+            for t in range(tasks):
+                bad[t] = masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts,
+                                     group, t, True, False, fill)
+        else:
+            for t in prange(tasks, num_threads=nt, schedule="static"):
+                bad[t] = masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts,
+                                     group, t, True, False, fill)
+        run(op, op_, <const floating*>NULL, op_, outer, n, inner)
+        u = 0
+        while u < tasks:        # a NaN or +inf in one part of a row: the whole row; and a
+            f = 0               # long row's first output is looked at before a part fixes it
+            for t in range(u, u + line):
+                f = f | bad[t]
+            if line > 1 and op_[u // line * n] != op_[u // line * n]:
+                f = 1
+            for t in range(u, u + line):
+                bad[t] = f
+            u += line
+        if nt == 1 or tasks == 1:
+            for t in range(tasks):
+                masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts, group, t,
+                            False, bad[t], fill)
+        else:
+            for t in prange(tasks, num_threads=nt, schedule="static"):
+                masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts, group, t,
+                            False, bad[t], fill)
+    free(bad)

@@ -534,6 +534,66 @@ def test_where_long_rows(lsm, dtype, n, layout):
         assert np.all(np.abs(d - ref) <= 4 * e * scale), name
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("strided", [False, True], ids=["mask", "strided-mask"])
+def test_where_forward_special_lines(lsm, dtype, axis, strided):
+    """log_softmax and softmax with where= on lines whose max is not finite, among ordinary
+    ones: a kept NaN, a kept +inf, kept entries that are all -inf, nothing kept; and a line
+    that keeps entries only near its end.  Rows of 300001 (one row is cut into parts for the
+    threads: a NaN in the first part decides the masked entries of the last), and along axis 0
+    150 columns (blocks of 64) of 40.  Kept entries follow SPEC section 3 as if the masked
+    ones were not there, masked ones are -inf / 0 exactly, and out=x gives the same."""
+    L, n = (6, 300001) if axis == -1 else (150, 40)
+    rng = np.random.default_rng(L)
+    x = data((L, n), dtype, seed=n)
+    w = rng.random((L, 2 * n) if strided else (L, n)) < 0.7
+    w = w[:, ::2] if strided else w
+    kinds = np.arange(6)
+    if axis == 0:       # one special column per block of 64 at most: a block's NaN column
+        kinds = np.zeros(L, int)            # must not hide an empty one in another block
+        kinds[[10, 20, 70, 130, 140]] = [1, 2, 3, 5, 4]
+    for i in range(L):
+        if kinds[i] == 1:                       # a kept NaN, near the start
+            x[i, 5], w[i, 5] = NAN, True
+        elif kinds[i] == 2:                     # a kept +inf, near the end
+            x[i, n - 3], w[i, n - 3] = INF, True
+        elif kinds[i] == 3:                     # every kept entry is -inf
+            w[i] = False
+            x[i, ::7], w[i, ::7] = -INF, True
+        elif kinds[i] == 4:                     # entries kept only in the last eighth
+            w[i, :n - n // 8] = False
+        elif kinds[i] == 5:                     # nothing kept
+            w[i] = False
+    junk = np.array([NAN, INF, dtype(1e30), -INF], dtype)
+    xg = x.copy()
+    xg[~w] = junk[np.arange((~w).sum()) % 4]
+    T = (lambda a: a) if axis == -1 else (lambda a: np.ascontiguousarray(a.T))
+    Tw = (lambda a: a) if axis == -1 else (lambda a: a.T)
+    plain = kinds % 4 == 0                      # kinds 0 and 4: a finite max
+    for name, fill in (("log_softmax", -INF), ("softmax", 0.0)):
+        f = getattr(lsm, name)
+        with no_warnings():
+            r = T(f(T(xg), axis=axis, where=Tw(w)))
+            inplace = T(xg).copy()
+            f(inplace, axis=axis, where=Tw(w), out=inplace)
+        assert_array_equal(T(inplace), r)
+        assert np.all(r[~w] == fill), name
+        ref = (ref_log_softmax if name == "log_softmax" else ref_softmax)(x[plain], where=w[plain])
+        kept = w[plain]
+        if name == "log_softmax":
+            assert_ulp_close(r[plain][kept], ref[kept], dtype, 4)
+        else:
+            with quiet():
+                np.testing.assert_allclose(r[plain][kept], ref[kept], rtol=16 * eps(dtype), atol=0)
+        for i in np.flatnonzero(~plain):
+            k = r[i][w[i]]
+            if name == "log_softmax" and kinds[i] == 2:     # +inf -> NaN, the rest -inf
+                same_special(k, np.where(x[i][w[i]] == INF, NAN, -INF))
+            else:
+                assert np.isnan(k).all(), (name, kinds[i])
+
+
 @pytest.mark.parametrize("keepdims", [False, True])
 def test_where_logsumexp_backward(lsm, keepdims):
     x, w = masked_case(np.float64, seed=8)
