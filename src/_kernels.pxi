@@ -2090,7 +2090,10 @@ cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1
             for t in prange(tasks, num_threads=nt, schedule="static"):
                 bad[t] = masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts,
                                      group, t, True, False, fill)
-        run(op, op_, <const floating*>NULL, op_, outer, n, inner)
+        if op == OP_LOG_SOFTMAX:    # (constant ops: GCC then keeps its per-op copies of
+            run(OP_LOG_SOFTMAX, op_, <const floating*>NULL, op_, outer, n, inner)   # run)
+        else:
+            run(OP_SOFTMAX, op_, <const floating*>NULL, op_, outer, n, inner)
         u = 0
         while u < tasks:        # a NaN or +inf in one part of a row: the whole row; and a
             f = 0               # long row's first output is looked at before a part fixes it
