@@ -188,11 +188,11 @@ class _Layout:
         self.reduced_pshape = [1 if i in range(a0, a1) else s for i, s in enumerate(pshape)]
 
     def fits(self, a: np.ndarray) -> bool:
-        return bool(a.transpose(self.perm).flags.c_contiguous)
+        return bool(a.flags.aligned and a.transpose(self.perm).flags.c_contiguous)
 
     def three(self, a: np.ndarray, cdt: np.dtype) -> np.ndarray:
         """``a`` (full shape) as a C-contiguous (outer, n, inner) array: a view when it can be."""
-        t = np.ascontiguousarray(a.transpose(self.perm), dtype=cdt)
+        t = _aligned(np.ascontiguousarray(a.transpose(self.perm), dtype=cdt))
         return t.reshape(self.outer, self.n, self.inner)
 
     def view3(self, a: np.ndarray) -> np.ndarray:
@@ -211,12 +211,19 @@ class _Layout:
 
     def two(self, r: np.ndarray, cdt: np.dtype) -> np.ndarray:
         """``r`` (keepdims shape of the reduction) as a C-contiguous (outer, inner) array."""
-        t = np.ascontiguousarray(r.transpose(self.perm), dtype=cdt)
+        t = _aligned(np.ascontiguousarray(r.transpose(self.perm), dtype=cdt))
         return t.reshape(self.outer, self.inner)
 
     def unreduce(self, r2: np.ndarray) -> np.ndarray:
         """An (outer, inner) result as an array of the keepdims shape, in the original order."""
         return r2.reshape(self.reduced_pshape).transpose(self.inverse)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a``, or an aligned copy of it when it starts at an address that is not a multiple of
+    its itemsize (a view into a byte buffer): the kernels' loads assume the dtype's alignment.
+    (NumPy's contiguity flags do not look at alignment, and ascontiguousarray keeps it.)"""
+    return a if a.flags.aligned else a.copy()
 
 
 def _cast(a: np.ndarray, dt: np.dtype) -> np.ndarray:
@@ -469,7 +476,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
         xa = _cast(xa, rdt)
         ba = None if ba is None else _cast(ba, rdt)
     if ba is not None:          # cast before broadcasting: a broadcast b is never copied
-        xa, ba = _broadcast(fname, xa, _cast(ba, cdt))
+        xa, ba = _broadcast(fname, xa, _aligned(_cast(ba, cdt)))
     scalar_in = xa.ndim == 0
     xv = xa.reshape(1) if scalar_in else xa
     bv = None if ba is None else (ba.reshape(1) if scalar_in else ba)
@@ -664,7 +671,8 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     bv: np.ndarray | None = None
     if ba is not None:          # cast before broadcasting: a broadcast b is never copied
         try:
-            bv = np.broadcast_to(_cast(ba.reshape(1) if ba.ndim == 0 else ba, cdt), xv.shape)
+            bv = np.broadcast_to(_aligned(_cast(ba.reshape(1) if ba.ndim == 0 else ba, cdt)),
+                                 xv.shape)
         except ValueError:
             raise ValueError(
                 f"cylsm.{fname}: b has shape {ba.shape}, which does not broadcast to x of shape "

@@ -937,6 +937,70 @@ def test_where_b_no_input_sized_temporary(backends, monkeypatch):
             assert peak < x.nbytes // 64, f"{name}, call {k}: {peak} bytes for a {x.nbytes}-byte x"
 
 
+def _misaligned(a):
+    """A copy of ``a`` one byte past an aligned address (a view into a byte buffer)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
+    m[...] = a
+    assert not m.flags.aligned and m.flags.c_contiguous
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_arrays_reach_the_kernels_aligned(backends, monkeypatch, dtype):
+    """x, out, b and grad one byte off their alignment (still C-contiguous, so NumPy would
+    hand them over as they are): every kernel is given aligned arrays (its loads assume
+    alignment; UBSan reports the rest), and the results are those of aligned inputs."""
+    from cylsm import _api
+
+    rng = np.random.default_rng(5)
+    x = data((6, 40), dtype, seed=5)
+    b = rng.random(40).astype(dtype)
+    w = rng.random((6, 40)) < 0.7
+    g = data((6, 40), dtype, seed=6)
+    g1 = data(6, dtype, seed=7)
+    y = cylsm.log_softmax(x, where=w)
+    p = cylsm.softmax(x, where=w)
+
+    def calls(m):
+        """Every kind of call, with m applied to the arrays that may be misaligned."""
+        return [
+            lambda: cylsm.log_softmax(m(x)), lambda: cylsm.log_softmax(m(x), where=w),
+            lambda: cylsm.softmax(m(x), axis=0, where=w), lambda: cylsm.softmax(x, out=m(x.copy())),
+            lambda: cylsm.logsumexp(m(x), axis=1), lambda: cylsm.logsumexp(m(x), axis=1, b=m(b)),
+            lambda: cylsm.logsumexp(m(x), axis=0, b=m(b), where=w, return_sign=True),
+            lambda: cylsm.log_softmax_backward(m(g), m(y), where=w, out=m(g.copy())),
+            lambda: cylsm.softmax_backward(m(g), m(p), axis=0),
+            lambda: cylsm.logsumexp_backward(m(g1), m(x), axis=1),
+            lambda: cylsm.logsumexp_backward(m(g1), m(x), axis=1, b=m(b), where=w),
+        ]
+
+    def in_place(mx):
+        cylsm.log_softmax(mx, where=w, out=mx)
+        return mx
+
+    seen = []
+    for name, kernels in backends:
+        monkeypatch.setattr(_api, "_K", kernels)
+        expected = [c() for c in calls(lambda a: a)] + [in_place(x.copy())]
+        for fname in ["log_softmax", "softmax", "logsumexp", "logsumexp_weighted",
+                      "log_softmax_backward", "softmax_backward", "logsumexp_backward",
+                      "logsumexp_backward_weighted"]:
+            def spy(*args, _f=getattr(kernels, fname), _name=fname, **kw):
+                for k, a in enumerate(list(args) + list(kw.values())):
+                    if isinstance(a, np.ndarray):
+                        assert a.flags.aligned, f"{name}.{_name}: argument {k} is misaligned"
+                seen.append(_name)
+                return _f(*args, **kw)
+            monkeypatch.setattr(kernels, fname, spy)
+        got = [c() for c in calls(_misaligned)] + [in_place(_misaligned(x))]
+        for k, (e, r) in enumerate(zip(expected, got)):
+            for ee, rr in zip(e if isinstance(e, tuple) else (e,), r if isinstance(r, tuple) else (r,)):
+                assert_array_equal(rr, ee, err_msg=f"{name}, call {k}")
+        monkeypatch.undo()
+    assert seen                     # the spies were called (the general path, not the shortcut)
+
+
 def test_return_sign_scalar_cancellation(lsm):
     v, s = lsm.logsumexp([2.0, 2.0], b=[1.0, -1.0], return_sign=True)
     assert v == -INF and s == 0
