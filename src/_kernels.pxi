@@ -2042,12 +2042,23 @@ cdef bint masked_cols(const floating* x, floating* out, const unsigned char* w, 
     return bad
 
 
+cdef inline Py_ssize_t masked_parts(Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
+    """Tasks per row (parts of SUPER elements) or per outer index (column blocks of JB)."""
+    return (n + SUPER - 1) // SUPER if inner == 1 else (inner + JB - 1) // JB
+
+
+cdef inline Py_ssize_t masked_group(Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
+    """Rows per task: short rows are grouped SUPER elements at a time."""
+    return SUPER // n if inner == 1 and n < SUPER else 1
+
+
 cdef bint masked_task(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws0,
                       Py_ssize_t ws1, Py_ssize_t ws2, Py_ssize_t outer, Py_ssize_t n,
-                      Py_ssize_t inner, Py_ssize_t parts, Py_ssize_t group, Py_ssize_t t,
-                      bint fill_in, bint fix, floating fill) noexcept nogil:
+                      Py_ssize_t inner, Py_ssize_t t, bint fill_in, bint fix,
+                      floating fill) noexcept nogil:
     """Task t: part t % parts of row t // parts (parts > 1), rows [t * group, (t + 1) * group)
     (parts == 1), or column block t % parts of outer index t // parts (inner > 1)."""
+    cdef Py_ssize_t parts = masked_parts(n, inner), group = masked_group(n, inner)
     cdef Py_ssize_t o = t // parts, off
     if inner == 1 and parts > 1:
         off = (t % parts) * SUPER
@@ -2063,17 +2074,38 @@ cdef bint masked_task(const floating* x, floating* out, const unsigned char* w, 
                        JB if off + JB <= inner else inner - off, fill_in, fix, fill)
 
 
+cdef void masked_pass(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws0,
+                      Py_ssize_t ws1, Py_ssize_t ws2, Py_ssize_t outer, Py_ssize_t n,
+                      Py_ssize_t inner, Py_ssize_t tasks, int nt, unsigned char* bad,
+                      bint fill_in, floating fill) noexcept nogil:
+    """Every task, over the threads: the pass in (fill_in: bad[t] set to its result), or the
+    pass out (bad[t]: fix every line of task t)."""
+    cdef Py_ssize_t t
+    if nt == 1 or tasks == 1:
+        for t in range(tasks):
+            if fill_in:
+                bad[t] = masked_task(x, out, w, ws0, ws1, ws2, outer, n, inner, t, True, False,
+                                     fill)
+            else:
+                masked_task(x, out, w, ws0, ws1, ws2, outer, n, inner, t, False, bad[t], fill)
+    else:
+        for t in prange(tasks, num_threads=nt, schedule="static"):
+            if fill_in:
+                bad[t] = masked_task(x, out, w, ws0, ws1, ws2, outer, n, inner, t, True, False,
+                                     fill)
+            else:
+                masked_task(x, out, w, ws0, ws1, ws2, outer, n, inner, t, False, bad[t], fill)
+
+
 cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1] out,
                          const unsigned char[:, :, :] where, floating fill):
     """log_softmax or softmax (op) under the mask where (any strides; see above)."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
     cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
-    cdef Py_ssize_t parts = ((n + SUPER - 1) // SUPER if inner == 1 else
-                             (inner + JB - 1) // JB)
-    cdef Py_ssize_t group = SUPER // n if inner == 1 and n < SUPER else 1
-    cdef Py_ssize_t tasks = (outer + group - 1) // group * parts
-    cdef Py_ssize_t line = parts if inner == 1 else 1    # tasks of a row share its flag
-    cdef Py_ssize_t t, u
+    cdef Py_ssize_t group = masked_group(n, inner)
+    cdef Py_ssize_t tasks = (outer + group - 1) // group * masked_parts(n, inner)
+    cdef Py_ssize_t line = masked_parts(n, inner) if inner == 1 else 1  # a row's tasks share
+    cdef Py_ssize_t t, u                                                # its flag
     cdef int nt = n_threads(outer * n * inner), f
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* op_ = &out[0, 0, 0]
@@ -2082,14 +2114,7 @@ cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1
     if bad == NULL:
         raise MemoryError(f"cylsm: could not allocate {tasks} bytes for a mask's flags")
     with nogil:
-        if nt == 1 or tasks == 1:
-            for t in range(tasks):
-                bad[t] = masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts,
-                                     group, t, True, False, fill)
-        else:
-            for t in prange(tasks, num_threads=nt, schedule="static"):
-                bad[t] = masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts,
-                                     group, t, True, False, fill)
+        masked_pass(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, tasks, nt, bad, True, fill)
         if op == OP_LOG_SOFTMAX:    # (constant ops: GCC then keeps its per-op copies of
             run(OP_LOG_SOFTMAX, op_, <const floating*>NULL, op_, outer, n, inner)   # run)
         else:
@@ -2104,12 +2129,5 @@ cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1
             for t in range(u, u + line):
                 bad[t] = f
             u += line
-        if nt == 1 or tasks == 1:
-            for t in range(tasks):
-                masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts, group, t,
-                            False, bad[t], fill)
-        else:
-            for t in prange(tasks, num_threads=nt, schedule="static"):
-                masked_task(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, parts, group, t,
-                            False, bad[t], fill)
+        masked_pass(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, tasks, nt, bad, False, fill)
     free(bad)
