@@ -485,22 +485,20 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     if out is not None:
         _check_out(out, rshape, rdt, fname)
     mask = _mask(where, xv.shape, fname)
-    weighted = bv is not None or mask is not None   # b and the mask go to the kernel as views
 
     layout = _Layout(xv.shape, axes, _c_order(xv))
     res2 = np.empty((layout.outer, layout.inner), cdt)
     sign2 = np.empty_like(res2) if return_sign else None
-    if res2.size:
+    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))   # b and the mask go
+    if res2.size:                                                         # as views
         if layout.n == 0:
             res2.fill(-np.inf)
-        elif weighted:
-            _kernels(cdt).logsumexp_weighted(
-                layout.three(xv, cdt), None if bv is None else layout.strided3(bv), res2, sign2,
-                None if mask is None else layout.strided3(mask.view(np.uint8)),
-            )
+        elif bv is not None:
+            _kernels(cdt).logsumexp_weighted(layout.three(xv, cdt), layout.strided3(bv), res2,
+                                             sign2, m3)
         else:
-            _kernels(cdt).logsumexp(layout.three(xv, cdt), res2)
-        if sign2 is not None and (not weighted or layout.n == 0):
+            _kernels(cdt).logsumexp(layout.three(xv, cdt), res2, m3)
+        if sign2 is not None and (bv is None or layout.n == 0):
             # a sum of exps: positive, or 0 (result -inf), or NaN
             np.copyto(sign2, np.where(res2 == -np.inf, 0.0, np.where(np.isnan(res2), np.nan, 1.0)))
     value = layout.unreduce(res2).reshape(rshape)
@@ -687,11 +685,9 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     r3 = layout.view3(res)
     g2 = layout.two(g.reshape(_reduced_shape(xv.shape, axes, True)), cdt)
     K = _kernels(cdt)
-    if bv is None and mask is None:
-        K.logsumexp_backward(g2, layout.three(xv, cdt), r3)
-    else:           # b and the mask go to the kernel as views; it writes 0 where they are 0
-        K.logsumexp_backward_weighted(
-            g2, layout.three(xv, cdt), None if bv is None else layout.strided3(bv), r3,
-            None if mask is None else layout.strided3(mask.view(np.uint8)),
-        )
+    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))
+    if bv is None:          # b and the mask go to the kernel as views; it writes 0 where
+        K.logsumexp_backward(g2, layout.three(xv, cdt), r3, m3)     # they are 0
+    else:
+        K.logsumexp_backward_weighted(g2, layout.three(xv, cdt), layout.strided3(bv), r3, m3)
     return _finish(res, out, rdt, scalar)

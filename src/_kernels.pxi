@@ -29,10 +29,11 @@ Memory: a long row's output pass walks its superblocks last first (those the sta
 read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short
 rows, store the exps of the sum pass and rescale them instead of a second exp.
 """
-from cython.parallel cimport prange
-from libc.math cimport log1p, log, fabs, fmaf, INFINITY, NAN
+from cython.parallel cimport prange, threadid
+from libc.math cimport log1p, log, fabs, fmaf, copysign, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_IsContiguous,
                              PyBUF_FORMAT, PyBUF_STRIDES)
 
@@ -51,11 +52,18 @@ cdef extern from "cylsm_exp.h" nogil:
     float cylsm_unkey32(int32_t k) noexcept
     int64_t cylsm_key64(double x) noexcept
     double cylsm_log1p(double t) noexcept
+    double cylsm_log1p_dd(double t, double tlo, double* lo) noexcept
     double cylsm_unkey64(int64_t k) noexcept
 
 ctypedef fused floating:
     float
     double
+
+ctypedef fused sums:     # (a type only as a compile-time switch, its value is not used)
+    char    # the sums of a column or tile kernel: in runs, added with TwoSum
+    short   # every addition exact (float64 logsumexp, see add_exact); a separate compiled
+            # copy, so that the other ops' loops stay as they were (a runtime flag made GCC
+            # compile them differently: float64 axis-0 softmax 1.5x slower)
 
 
 cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
@@ -152,6 +160,7 @@ cdef enum:
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
     CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
+    GROUP = 1024      # elements of short rows that logsumexp(where=) masks into a buffer at once
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
     GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
@@ -215,6 +224,17 @@ cdef inline int n_threads(Py_ssize_t size) noexcept nogil:
 # Building blocks
 
 
+cdef inline void add_exact(double* total, double* comp, double v) noexcept nogil:
+    """total + comp += v for 0 <= v <= 1 <= total (Fast2Sum: 3 operations for TwoSum's 6).
+    The exps of a line's sum pass are at most 1: a total started at 1 (taken off at the end,
+    exactly) keeps every rounding error of the sum in comp.  float64 short rows and columns
+    sum this way: a plain sum of their few terms can be off by a few ulps, which log1p passes
+    on to the logsumexp beyond SPEC's bound where it is below 1."""
+    cdef double s = total[0] + v
+    comp[0] += v - (s - total[0])
+    total[0] = s
+
+
 cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nogil:
     """total + comp += v, keeping the rounding error of the addition in comp (Knuth's TwoSum)."""
     cdef double s = total[0] + v
@@ -252,10 +272,12 @@ cdef inline void prefetch_panel_row(const floating* r) noexcept nogil:
 
 
 cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
-                              const floating* m, double* tot, double* part,
-                              double* comp) noexcept nogil:
-    """OUT tot[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] != m[j] (the
-    others contribute exactly 1 each; panel_max counts them).  part, comp: scratch of w.
+                              const floating* m, double* tot, double* part, double* comp,
+                              sums kind) noexcept nogil:
+    """OUT tot[j] + comp[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] !=
+    m[j] (the others contribute exactly 1 each; panel_max counts them); part: scratch of w.
+    float64 with kind short: every addition keeps its rounding error, in comp (see
+    add_exact); else comp is 0.
     Along the way the next panel (the JB columns that follow, usually this thread's next
     task) is prefetched, so that its max pass reads from cache: 5-15% faster column kernels.
     (The backward ops' panel_sum got slower with the same prefetch.)"""
@@ -267,6 +289,18 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
+    if floating is double and sums is short:
+        for j in range(w):
+            part[j] = 1.0
+        for k in range(K):
+            row = p + k * s
+            prefetch_panel_row(row + JB)
+            for j in range(w):
+                v = row[j]
+                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_s(v, m[j]))
+        for j in range(w):
+            tot[j] = part[j] - 1.0
+        return
     k0 = 0
     while k0 < K:
         k1 = k0 + run if k0 + run < K else K
@@ -284,6 +318,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
         k0 = k1
     for j in range(w):
         tot[j] = (tot[j] + comp[j]) * unscale(m[0])
+        comp[j] = 0.0
 
 
 cdef inline void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
@@ -509,11 +544,11 @@ cdef double super_stats(const floating* x, Py_ssize_t n, double* m, double* coun
 
 
 cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, double* S,
-                    int nt, floating* store, double* scale, const floating* ahead,
+                    double* Q, int nt, floating* store, double* scale, const floating* ahead,
                     const floating* ahead_w) noexcept nogil:
     """M: max of the row (NaN ignored); with t the sum of exp(x - M) over the elements other
-    than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t.
-    The row is cut into superblocks of SUPER elements, each reduced by one thread to its own
+    than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t,
+    and Q the logsumexp M + L (see lse_parts).  The row is cut into superblocks of SUPER elements, each reduced by one thread to its own
     maximum m, count and sum (one pass over memory: blocks of BLOCK summed in lanes, blocks
     added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
     m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
@@ -557,6 +592,7 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     M[0] = mx
     if not (-INFINITY < mx < INFINITY):
         L[0] = nonfinite_stats(x, n, 1, S)
+        Q[0] = mx + L[0]
     else:
         for k in range(ns):
             if sval != NULL:
@@ -577,9 +613,12 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
                 two_sum_add(&t, &c, (ones_k + sum_k) * f_k)
                 if scale != NULL:
                     scale[k] = f_k
-        t += c
-        L[0] = log1p((ones - 1.0) + t)
-        S[0] = ones + t
+        if floating is double:
+            L[0] = lse_parts(mx, ones, t, c, Q)
+        else:                   # (M + L in double is far more than float needs)
+            L[0] = log1p((ones - 1.0) + (t + c))
+            Q[0] = mx + L[0]
+        S[0] = ones + (t + c)
     if ns > 1:
         free(sval)
 
@@ -589,8 +628,9 @@ cdef inline int64_t max_key(int64_t a, int64_t b) noexcept nogil:
 
 
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                    double* M, double* L, double* S) noexcept nogil:
-    """M, L, S (see row_stats) of w <= JB neighbouring columns of n elements, s apart."""
+                    double* M, double* L, double* S, double* Q, sums kind) noexcept nogil:
+    """M, L, S (see row_stats) of w <= JB neighbouring columns of n elements, s apart, and
+    when Q is not NULL their logsumexps (see finish_stats); kind: see panel_sumexp."""
     cdef floating m[JB]
     cdef double tot[JB]
     cdef double part[JB]
@@ -598,26 +638,56 @@ cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
     cdef double ones[JB]
     if w == JB:     # a constant width: the compiler keeps the panel's lanes in registers
         panel_max(x, n, JB, s, m, ones)
-        panel_sumexp(x, n, JB, s, m, tot, part, comp)
+        panel_sumexp(x, n, JB, s, m, tot, part, comp, kind)
     else:
         panel_max(x, n, w, s, m, ones)
-        panel_sumexp(x, n, w, s, m, tot, part, comp)
-    finish_stats(x, n, w, s, m, ones, tot, M, L, S)
+        panel_sumexp(x, n, w, s, m, tot, part, comp, kind)
+    finish_stats(x, n, w, s, m, ones, tot, comp, M, L, S, Q)
 
 
 cdef inline void finish_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                               const floating* m, const double* ones, const double* tot,
-                              double* M, double* L, double* S) noexcept nogil:
-    """M, L, S of w columns from their maxima m, counts of maxima and sums of the rest; the
-    logs of all columns at once (vectorized), the non-finite columns then fixed one by one."""
+                              const double* comp, double* M, double* L, double* S,
+                              double* Q) noexcept nogil:
+    """M, L, S of w columns from their maxima m, counts of maxima and sums tot + comp of the
+    rest, and when Q is not NULL their logsumexps M + L (float64: see lse_parts); the logs of
+    all columns at once (vectorized), the non-finite columns then fixed one by one."""
     cdef Py_ssize_t j
+    if floating is double and Q != NULL:
+        for j in range(w):
+            L[j] = lse_parts(m[j], ones[j], tot[j], comp[j], &Q[j])
+    else:
+        for j in range(w):
+            L[j] = cylsm_log1p((ones[j] - 1.0) + (tot[j] + comp[j]))
     for j in range(w):
         M[j] = m[j]
-        L[j] = cylsm_log1p((ones[j] - 1.0) + tot[j])
-        S[j] = ones[j] + tot[j]
+        S[j] = ones[j] + (tot[j] + comp[j])
     for j in range(w):
         if not (-INFINITY < M[j] < INFINITY):
             L[j] = nonfinite_stats(x + j, n, s, &S[j])
+    if Q != NULL:
+        for j in range(w):
+            if floating is float or not (-INFINITY < M[j] < INFINITY):
+                Q[j] = M[j] + L[j]
+
+
+cdef inline double lse_parts(double M, double ones, double t, double c,
+                             double* Q) noexcept nogil:
+    """L = log1p((ones - 1) + t + c) of a line whose finite max is M, with ones >= 1 maximal
+    elements and t + c the sum of the exps of the others (c: a correction of t); OUT Q the
+    logsumexp M + L, rounded once from M + L held in two doubles: where M and L cancel (M < 0
+    < L), a rounded L alone would cost up to an ulp of L, more than SPEC's bound of an eps
+    for |Q| < 1."""
+    cdef double a = ones - 1.0
+    cdef double T = a + t, bb, Tlo, lo, hi, q, e
+    bb = T - a                              # TwoSum: T + Tlo = a + t exactly
+    Tlo = ((a - (T - bb)) + (t - bb)) + c
+    hi = cylsm_log1p_dd(T, Tlo, &lo)
+    q = M + hi                              # TwoSum again
+    bb = q - M
+    e = (M - (q - bb)) + (hi - bb)
+    Q[0] = q + (e + lo)
+    return hi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +717,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
                     Py_ssize_t n, int nt) noexcept nogil:
     """IN x: a row of n; IN g: its upstream gradient (OP_LOGSUMEXP_BACKWARD); OUT out.
     nt threads work on this one row (superblock by superblock)."""
-    cdef double M, L, S
+    cdef double M, L, S, Q
     cdef double scale[KEEP_SUPER]
     cdef Py_ssize_t k, ns = (n + SUPER - 1) // SUPER
     cdef floating gr = g[0] if op == OP_LOGSUMEXP_BACKWARD else 0
@@ -662,7 +732,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
     cdef const floating* ahead_w = x + BLOCK
     if ahead and op != OP_LOGSUMEXP:
         ahead_w = out + n if keep else out
-    row_stats(x, n, &M, &L, &S, nt, out if keep else <floating*>NULL,
+    row_stats(x, n, &M, &L, &S, &Q, nt, out if keep else <floating*>NULL,
               &scale[0] if keep else <double*>NULL,
               x + n if ahead else x + SUPER, ahead_w)
     if keep and -INFINITY < M < INFINITY:
@@ -673,7 +743,7 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
             for k in range(ns):
                 kept_super(op, out + k * SUPER, super_len(n, k), scale[k], S, gr)
     elif op == OP_LOGSUMEXP:
-        row_output(op, x, g, out, n, M, L, S)
+        out[0] = <floating>Q
     else:
         row_outputs(op, x, g, out, n, M, L, S, nt)
 
@@ -696,10 +766,11 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
-                     double* E) noexcept nogil:
-    """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT), with the width
-    fixed at TILE so that the lanes stay in registers.  When E is not NULL, the exps of the sum
-    pass are stored there (as T, in double, scaled: see unscale)."""
+                     double* Q, double* E, sums kind) noexcept nogil:
+    """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT; Q as there), with
+    the width fixed at TILE so that the lanes stay in registers.  When E is not NULL, the exps
+    of the sum pass are stored there (as T, in double, scaled: see unscale).  kind: see
+    panel_sumexp."""
     cdef floating m[TILE]
     cdef double ones[TILE]
     cdef double part[TILE]
@@ -739,6 +810,16 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
         for j in range(TILE):
             ones[j] += T[k * TILE + j] == m[j]
     k0 = 0
+    if floating is double and sums is short:    # one exact sum (add_exact)
+        for j in range(TILE):
+            part[j] = 1.0
+        for k in range(n):
+            for j in range(TILE):
+                v = T[k * TILE + j]
+                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_s(v, m[j]))
+        for j in range(TILE):
+            tot[j] = part[j] - 1.0
+        k0 = n
     while k0 < n:
         k1 = k0 + run if k0 + run < n else n
         for j in range(TILE):
@@ -759,9 +840,11 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
         for j in range(TILE):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
-    for j in range(TILE):
-        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
-    finish_stats(T, n, TILE, TILE, m, ones, tot, M, L, S)
+    if floating is float:
+        for j in range(TILE):
+            tot[j] = (tot[j] + comp[j]) * unscale(m[0])
+            comp[j] = 0.0
+    finish_stats(T, n, TILE, TILE, m, ones, tot, comp, M, L, S, Q)
 
 
 cdef void stats_short_rows(int op, const floating* x, const floating* g, floating* out,
@@ -777,21 +860,27 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     cdef double M[TILE]
     cdef double L[TILE]
     cdef double S[TILE]
+    cdef double Q[TILE]
     cdef Py_ssize_t r, k
     cdef bint keep = op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD
     for k in range(n):              # a short last tile repeats its last row (a constant-height
         for r in range(TILE):       # transpose vectorizes as gathers)
             T[k * TILE + r] = x[(r if r < R else R - 1) * n + k]
-    tile_stats(T, n, M, L, S, &E[0] if keep else <double*>NULL)
+    if op == OP_LOGSUMEXP:
+        tile_stats(T, n, M, L, S, Q, <double*>NULL, <short>0)
+    else:
+        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <double*>NULL, <char>0)
     if keep:            # the outputs, across the rows (vectorized), into T; then transposed
         kept_tile(op, E, T, n, g, R, S)
     for r in range(R):
         if keep and -INFINITY < M[r] < INFINITY:
             for k in range(n):
                 out[r * n + k] = T[k * TILE + r]
+        elif op == OP_LOGSUMEXP:
+            out[r] = <floating>Q[r]
         else:
             row_output(op, x + r * n, g + r if op == OP_LOGSUMEXP_BACKWARD else g,
-                       out + r if op == OP_LOGSUMEXP else out + r * n, n, M[r], L[r], S[r])
+                       out + r * n, n, M[r], L[r], S[r])
 
 
 cdef inline void kept_tile(int op, const double* E, floating* T, Py_ssize_t n, const floating* g,
@@ -869,8 +958,6 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
         R = R * unscale(x[0])      # the exps are scaled (see unscale)
         for i in range(n):
             out[i] = normalize(exp_diff_s(x[i], <floating>M), S, R, x[0])
-    elif op == OP_LOGSUMEXP:
-        out[0] = <floating>(M + L)
     elif op == OP_LOG_SOFTMAX_BACKWARD:     # in double, rounded once, unless in float
         if floating is float:
             if log_softmax_grad_float(x, g, out, n, M):
@@ -922,11 +1009,12 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
     cdef double S[JB]
     cdef Py_ssize_t j
     cdef double R[JB]
-    col_stats(x, n, w, s, M, L, S)
-    if op == OP_LOGSUMEXP:
+    if op == OP_LOGSUMEXP:          # (R holds the logsumexps)
+        col_stats(x, n, w, s, M, L, S, R, <short>0)
         for j in range(w):
-            out[j] = <floating>(M[j] + L[j])
+            out[j] = <floating>R[j]
         return
+    col_stats(x, n, w, s, M, L, S, <double*>NULL, <char>0)
     for j in range(w):
         R[j] = (1.0 / S[j]) * unscale(x[0])     # panel_output's exps are scaled (see unscale)
     if op == OP_LOGSUMEXP_BACKWARD:
@@ -1197,6 +1285,27 @@ cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes) noexcept:
     return True
 
 
+cdef void run_op(int op, const floating* x, const floating* g, floating* out,
+                 Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner) noexcept nogil:
+    """run() with op as a constant in each call: each reaches GCC's copy of run for its op
+    (made for the calls of the functions below), rather than the generic one, which measured
+    10-15% slower for float64 short rows (forward ops and logsumexp_backward).  Which copies
+    GCC makes and inlines moves with every change here: measure (both thread counts, every
+    op, rows, short rows and axis 0) after each."""
+    if op == OP_LOG_SOFTMAX:
+        run(OP_LOG_SOFTMAX, x, g, out, outer, n, inner)
+    elif op == OP_SOFTMAX:
+        run(OP_SOFTMAX, x, g, out, outer, n, inner)
+    elif op == OP_LOGSUMEXP:
+        run(OP_LOGSUMEXP, x, g, out, outer, n, inner)
+    elif op == OP_LOGSUMEXP_BACKWARD:
+        run(OP_LOGSUMEXP_BACKWARD, x, g, out, outer, n, inner)
+    elif op == OP_LOG_SOFTMAX_BACKWARD:
+        run(OP_LOG_SOFTMAX_BACKWARD, x, g, out, outer, n, inner)
+    else:
+        run(OP_SOFTMAX_BACKWARD, x, g, out, outer, n, inner)
+
+
 def fast(int op, x, bint all_axes=False, out=None, g=None):
     """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array).
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
@@ -1260,16 +1369,16 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
                 if not ok:          # the general path validates, and copies on overlap
                     return None
             if bx.len <= GIL_BYTES and kind == b"f":
-                run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
+                run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
             elif bx.len <= GIL_BYTES:
-                run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows, n, 1)
+                run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows, n, 1)
             else:
                 with nogil:
                     if kind == b"f":
-                        run(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
+                        run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
                             rows, n, 1)
                     else:
-                        run(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
+                        run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
                             rows, n, 1)
         finally:
             PyBuffer_Release(&bo)
@@ -1291,7 +1400,7 @@ def log_softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out,
     """OUT out = x - logsumexp(x) (out may be x).  where (None: no mask; any strides, 0 masks
     out): the logsumexp over the entries it keeps, and -inf at the others."""
     if where is not None:
-        masked_forward(OP_LOG_SOFTMAX, x, out, where, -INFINITY)
+        masked_forward(OP_LOG_SOFTMAX, x, out, where, -INFINITY, <const floating*>NULL)
         return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_LOG_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
@@ -1303,15 +1412,24 @@ def softmax(const floating[:, :, ::1] x, floating[:, :, ::1] out,
     """OUT out = exp(x) / sum(exp(x)) (out may be x).  where: as in log_softmax, with 0 at the
     masked entries."""
     if where is not None:
-        masked_forward(OP_SOFTMAX, x, out, where, 0.0)
+        masked_forward(OP_SOFTMAX, x, out, where, 0.0, <const floating*>NULL)
         return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_SOFTMAX, &x[0, 0, 0], <const floating*>NULL, &out[0, 0, 0],
             x.shape[0], x.shape[1], x.shape[2])
 
 
-def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out):
-    """OUT out[o, j] = log(sum over i of exp(x[o, i, j]))."""
+def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out,
+              const unsigned char[:, :, :] where=None):
+    """OUT out[o, j] = log(sum over i of exp(x[o, i, j])).  where (None: no mask; any strides,
+    0 masks out): the sum over the entries it keeps (-inf where it keeps none)."""
+    if where is not None and x.shape[2] == 1 and x.shape[1] < SUPER:
+        masked_short_rows(&x[0, 0, 0], &out[0, 0], &where[0, 0, 0], where.strides[0],
+                          where.strides[1], x.shape[0], x.shape[1])
+        return
+    if where is not None:       # long rows and columns: the weighted kernel, as for b
+        logsumexp_weighted(x, None, out, None, where)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
         run(OP_LOGSUMEXP, &x[0, 0, 0], <const floating*>NULL, &out[0, 0],
             x.shape[0], x.shape[1], x.shape[2])
@@ -1341,12 +1459,28 @@ def softmax_backward(const floating[:, :, ::1] g, const floating[:, :, ::1] p,
 
 
 def logsumexp_backward(const floating[:, ::1] g, const floating[:, :, ::1] x,
-                       floating[:, :, ::1] out):
+                       floating[:, :, ::1] out, const unsigned char[:, :, :] where=None):
     """OUT out = g * exp(x - logsumexp(x)), and 0 where logsumexp(x) is -inf (out may be x).
-    g is (outer, inner)."""
+    g is (outer, inner).  where (None: no mask; any strides, 0 masks out): logsumexp over the
+    entries it keeps, and 0 at the others."""
+    cdef Py_ssize_t m = g.shape[0] * g.shape[1]
+    cdef const floating* gp = &g[0, 0]
+    cdef floating* o = &out[0, 0, 0]
+    cdef floating* gc = NULL
+    if where is not None:
+        if o < gp + m and gp < o + out.shape[0] * out.shape[1] * out.shape[2]:
+            gc = <floating*>malloc(m * sizeof(floating))    # out is g (n is 1): the pass
+            if gc == NULL:                                  # in would overwrite it
+                raise MemoryError(f"cylsm: could not allocate {m} values for a copy of grad")
+            memcpy(gc, gp, m * sizeof(floating))
+            gp = gc
+        try:
+            masked_forward(OP_LOGSUMEXP_BACKWARD, x, out, where, 0.0, gp)
+        finally:
+            free(gc)
+        return
     with nogil:     # also when run() takes no parallel region (one thread, one task)
-        run(OP_LOGSUMEXP_BACKWARD, &x[0, 0, 0], &g[0, 0], &out[0, 0, 0],
-            x.shape[0], x.shape[1], x.shape[2])
+        run(OP_LOGSUMEXP_BACKWARD, &x[0, 0, 0], gp, o, x.shape[0], x.shape[1], x.shape[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1461,10 +1595,11 @@ cdef void weighted_sum_row(const floating* x, const floating* b, Py_ssize_t sb,
                            const unsigned char* w, Py_ssize_t sw, Py_ssize_t n, floating mx,
                            double* mw, double* rest) noexcept nogil:
     """OUT mw, rest of weighted_parts for the contiguous x[0:n] whose (finite) max is mx: the
-    exps in double for float data too (weights of both signs can cancel, and a float exp's
-    rounding would grow by the same factor), times the weights and added in W double lanes,
-    which are added to compensated lane totals after each chunk (float64: each run of RUN64
-    groups), as in block_sumexp."""
+    exps times the weights, added in W double lanes, which are added to compensated lane
+    totals after each chunk (float64: each run of RUN64 groups), as in block_sumexp.  With b,
+    the exps are taken in double for float data too (weights of both signs can cancel, and a
+    float exp's rounding would grow by the same factor); with a mask alone (weights 0 and 1),
+    in float and scaled, as block_sumexp takes them (twice the lanes)."""
     cdef double acc[W]
     cdef double tot[W]
     cdef double comp[W]
@@ -1476,6 +1611,7 @@ cdef void weighted_sum_row(const floating* x, const floating* b, Py_ssize_t sb,
     cdef Py_ssize_t run = RUN64 if floating is double else CHUNK // W
     cdef floating v, bk
     cdef double t = 0.0, cc = 0.0, ws = 0.0
+    cdef bint wide = b != NULL
     for j in range(W):
         tot[j] = 0.0
         comp[j] = 0.0
@@ -1490,13 +1626,22 @@ cdef void weighted_sum_row(const floating* x, const floating* b, Py_ssize_t sb,
             g1 = g0 + run if g0 + run < cm // W else cm // W
             for j in range(W):
                 acc[j] = 0.0
-            for g in range(g0, g1):
-                for j in range(W):
-                    v = xc[g * W + j]
-                    bk = wt[g * W + j]
-                    acc[j] = (acc[j] if v == mx else    # weight 0 (v may be > mx, inf, NaN):
-                              acc[j] + bk * exp_diff_s[double](v if bk != 0 else mx, mx))
-                    wacc[j] = wacc[j] + bk if v == mx else wacc[j]
+            if wide:    # (weight 0: v may be > mx, inf, NaN, and is taken as mx)
+                for g in range(g0, g1):
+                    for j in range(W):
+                        v = xc[g * W + j]
+                        bk = wt[g * W + j]
+                        acc[j] = (acc[j] if v == mx else
+                                  acc[j] + bk * exp_diff_s[double](v if bk != 0 else mx, mx))
+                        wacc[j] = wacc[j] + bk if v == mx else wacc[j]
+            else:
+                for g in range(g0, g1):
+                    for j in range(W):
+                        v = xc[g * W + j]
+                        bk = wt[g * W + j]
+                        acc[j] = (acc[j] if v == mx else
+                                  acc[j] + bk * exp_diff_s(v if bk != 0 else mx, mx))
+                        wacc[j] = wacc[j] + bk if v == mx else wacc[j]
             for j in range(W):
                 two_sum_add(&tot[j], &comp[j], acc[j])
             g0 = g1
@@ -1505,14 +1650,15 @@ cdef void weighted_sum_row(const floating* x, const floating* b, Py_ssize_t sb,
             if bk != 0 and xc[i] == mx:
                 ws += bk
             elif bk != 0:
-                two_sum_add(&t, &cc, bk * exp_diff_s[double](xc[i], mx))
+                two_sum_add(&t, &cc, bk * (exp_diff_s[double](xc[i], mx) if wide else
+                                           exp_diff_s(xc[i], mx)))
         c += CHUNK
     for j in range(W):
         two_sum_add(&t, &cc, tot[j])
         cc += comp[j]
         ws += wacc[j]
     mw[0] = ws
-    rest[0] = t + cc
+    rest[0] = (t + cc) * (1.0 if wide else unscale(mx))
 
 
 cdef void weighted_grad_row(const floating* x, const floating* b, Py_ssize_t sb,
@@ -1937,15 +2083,19 @@ cdef void masked_backward(int op, const floating[:, :, ::1] g, const floating[:,
 
 
 # ---------------------------------------------------------------------------------------------
-# log_softmax and softmax with where=: the masked entries are set to -inf on the way into the
-# result, the unmasked kernel runs on the result in place (exp(-inf) takes no part in a sum),
-# and only the lines that need it get their masked entries set to the fill value afterwards:
-# those whose max is not finite, where the kernel gives SPEC's special values (NaN at -inf
-# entries among them).  Every other line already has -inf (log_softmax) or 0 (softmax) there.
-# Such a line keeps a NaN or +inf (the pass in finds those), or keeps nothing above -inf; then
-# every output of the line is NaN, its first one too, which the pass out looks at.
-# Tasks: rows cut into parts of SUPER elements (one long row is shared by the threads), short
-# rows grouped SUPER elements at a time, columns in blocks of JB.
+# log_softmax, softmax and logsumexp_backward with where=: the masked entries are set to -inf
+# on the way into the result (mask_begin), the unmasked kernel runs on the result in place
+# (exp(-inf) takes no part in a sum), and only the lines that need it get their masked entries
+# set to the fill value afterwards (mask_end): those whose max is not finite, where the kernel
+# gives SPEC's special values (NaN at -inf entries among them), and for logsumexp_backward
+# those whose gradient g is not finite or has its sign bit set (g * 0 is not +0).  Every other
+# line already has -inf (log_softmax) or 0 (softmax, logsumexp_backward) there.  A line whose
+# max is not finite keeps a NaN or +inf (the pass in finds those), or keeps nothing above
+# -inf; then every output of the line is NaN (logsumexp_backward: 0), its first one too, which
+# the pass out looks at.  Tasks: rows cut into parts of SUPER elements (one long row is shared
+# by the threads), short rows grouped SUPER elements at a time, columns in blocks of JB.
+# logsumexp itself has no result of x's size to mask into: short rows are masked into a
+# buffer per thread (masked_short_rows), longer ones and columns go to the weighted kernel.
 
 
 cdef inline const unsigned char* gather_mask(const unsigned char* w, Py_ssize_t sw,
@@ -2052,6 +2202,12 @@ cdef inline Py_ssize_t masked_group(Py_ssize_t n, Py_ssize_t inner) noexcept nog
     return SUPER // n if inner == 1 and n < SUPER else 1
 
 
+cdef inline Py_ssize_t masked_tasks(Py_ssize_t outer, Py_ssize_t n,
+                                    Py_ssize_t inner) noexcept nogil:
+    cdef Py_ssize_t group = masked_group(n, inner)
+    return (outer + group - 1) // group * masked_parts(n, inner)
+
+
 cdef bint masked_task(const floating* x, floating* out, const unsigned char* w, Py_ssize_t ws0,
                       Py_ssize_t ws1, Py_ssize_t ws2, Py_ssize_t outer, Py_ssize_t n,
                       Py_ssize_t inner, Py_ssize_t t, bint fill_in, bint fix,
@@ -2097,28 +2253,118 @@ cdef void masked_pass(const floating* x, floating* out, const unsigned char* w, 
                 masked_task(x, out, w, ws0, ws1, ws2, outer, n, inner, t, False, bad[t], fill)
 
 
+cdef bint grad_fills(const floating* g, Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner,
+                     Py_ssize_t t) noexcept nogil:
+    """Whether a line of masked_task t has a gradient g that does not give +0 at the masked
+    entries (g times exp(-inf)): one with its sign bit set (-0 included), +inf or NaN."""
+    cdef Py_ssize_t parts = masked_parts(n, inner), group = masked_group(n, inner), i, i0, i1
+    cdef bint neg = False
+    if inner == 1 and parts > 1:
+        i0 = t // parts
+        i1 = i0 + 1
+    elif inner == 1:
+        i0 = t * group
+        i1 = i0 + group if i0 + group <= outer else outer
+    else:
+        i0 = (t // parts) * inner + (t % parts) * JB
+        i1 = i0 + JB if (t % parts) * JB + JB <= inner else (t // parts + 1) * inner
+    for i in range(i0, i1):
+        neg |= (copysign(1.0, g[i]) < 0) | (not (g[i] < INFINITY))
+    return neg
+
+
+ctypedef void (*run_float)(int, const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
+                           Py_ssize_t) noexcept nogil
+ctypedef void (*run_double)(int, const double*, const double*, double*, Py_ssize_t, Py_ssize_t,
+                            Py_ssize_t) noexcept nogil
+
+cdef extern from *:
+    """
+    /* p, which the compiler can no longer see through: a call through it stays a call. */
+    static void *cylsm_opaque(void *p) { __asm__("" : "+r"(p)); return p; }
+    """
+    void* cylsm_opaque(void* p) noexcept nogil
+
+
+cdef void masked_short_rows(const floating* x, floating* out, const unsigned char* w,
+                            Py_ssize_t ws0, Py_ssize_t ws1, Py_ssize_t outer,
+                            Py_ssize_t n) except *:
+    """logsumexp under the mask w of rows of n < SUPER: GROUP elements of rows at a time (or
+    one row, if longer) are copied to a buffer of each thread, with -inf at the masked entries
+    (exp(-inf) takes no part in a sum, and a line that keeps nothing gives -inf), and the
+    unmasked kernel runs on the buffer.  (It calls run() through a pointer that the compiler
+    cannot see through: a direct call made GCC inline differently elsewhere, and some unmasked
+    kernels 10-15% slower.)"""
+    cdef Py_ssize_t group = GROUP // n if n < GROUP else 1
+    cdef Py_ssize_t tasks = (outer + group - 1) // group, t, r0, rows, u
+    cdef Py_ssize_t size = (group if group < outer else outer) * n
+    cdef Py_ssize_t step = 64 // sizeof(floating)
+    cdef int nt = n_threads(outer * n)
+    cdef floating* buf = <floating*>malloc(nt * size * sizeof(floating))
+    if buf == NULL:
+        raise MemoryError(f"cylsm: could not allocate {nt * size} values for a masked logsumexp")
+    for t in prange(tasks, nogil=True, num_threads=nt, schedule="static"):
+        r0 = t * group
+        rows = group if r0 + group <= outer else outer - r0
+        masked_rows(x + r0 * n, buf + threadid() * size, w + r0 * ws0, ws0, ws1, n, 0, rows,
+                    0, n, True, False, 0)
+        if rows * n <= GROUP:   # the next task's rows, while this one works in the cache
+            for u in range(rows * n // step):
+                cylsm_prefetch(x + (r0 + rows) * n + u * step)
+        if floating is float:
+            (<run_float>cylsm_opaque(<void*>run[float]))(
+                OP_LOGSUMEXP, buf + threadid() * size, NULL, out + r0, rows, n, 1)
+        else:
+            (<run_double>cylsm_opaque(<void*>run[double]))(
+                OP_LOGSUMEXP, buf + threadid() * size, NULL, out + r0, rows, n, 1)
+    free(buf)
+
+
 cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1] out,
-                         const unsigned char[:, :, :] where, floating fill):
-    """log_softmax or softmax (op) under the mask where (any strides; see above)."""
+                         const unsigned char[:, :, :] where, floating fill, const floating* g):
+    """log_softmax, softmax or logsumexp_backward (op; g its gradient, which out does not
+    overlap, else NULL) under the mask where (any strides; see above)."""
+    cdef unsigned char* bad = mask_begin(x, out, where)
+    cdef floating* o = &out[0, 0, 0]
+    with nogil:         # (constant ops: GCC then keeps its per-op copies of run)
+        if op == OP_LOG_SOFTMAX:
+            run(OP_LOG_SOFTMAX, o, <const floating*>NULL, o, x.shape[0], x.shape[1], x.shape[2])
+        elif op == OP_SOFTMAX:
+            run(OP_SOFTMAX, o, <const floating*>NULL, o, x.shape[0], x.shape[1], x.shape[2])
+        else:
+            run(OP_LOGSUMEXP_BACKWARD, o, g, o, x.shape[0], x.shape[1], x.shape[2])
+    mask_end(out, where, bad, fill, g)
+
+
+cdef unsigned char* mask_begin(const floating[:, :, ::1] x, floating[:, :, ::1] out,
+                               const unsigned char[:, :, :] where) except NULL:
+    """The pass in, x into out: returns the flags of its tasks, for mask_end."""
     cdef Py_ssize_t outer = x.shape[0], n = x.shape[1], inner = x.shape[2]
-    cdef Py_ssize_t ws0 = where.strides[0], ws1 = where.strides[1], ws2 = where.strides[2]
-    cdef Py_ssize_t group = masked_group(n, inner)
-    cdef Py_ssize_t tasks = (outer + group - 1) // group * masked_parts(n, inner)
-    cdef Py_ssize_t line = masked_parts(n, inner) if inner == 1 else 1  # a row's tasks share
-    cdef Py_ssize_t t, u                                                # its flag
-    cdef int nt = n_threads(outer * n * inner), f
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* op_ = &out[0, 0, 0]
-    cdef const unsigned char* wp = &where[0, 0, 0]
-    cdef unsigned char* bad = <unsigned char*>malloc(tasks)
+    cdef Py_ssize_t tasks = masked_tasks(outer, n, inner)
+    cdef unsigned char* bad = <unsigned char*>malloc(tasks + 1)
     if bad == NULL:
         raise MemoryError(f"cylsm: could not allocate {tasks} bytes for a mask's flags")
     with nogil:
-        masked_pass(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, tasks, nt, bad, True, fill)
-        if op == OP_LOG_SOFTMAX:    # (constant ops: GCC then keeps its per-op copies of
-            run(OP_LOG_SOFTMAX, op_, <const floating*>NULL, op_, outer, n, inner)   # run)
-        else:
-            run(OP_SOFTMAX, op_, <const floating*>NULL, op_, outer, n, inner)
+        masked_pass(&x[0, 0, 0], &out[0, 0, 0], &where[0, 0, 0], where.strides[0],
+                    where.strides[1], where.strides[2], outer, n, inner, tasks,
+                    n_threads(outer * n * inner), bad, True, 0)
+    return bad
+
+
+cdef void mask_end(floating[:, :, ::1] out, const unsigned char[:, :, :] where,
+                   unsigned char* bad, floating fill, const floating* g) noexcept:
+    """The pass out, after the unmasked kernel ran on out (g: logsumexp_backward's gradient,
+    else NULL), for the flags bad of mask_begin, which it frees."""
+    cdef Py_ssize_t outer = out.shape[0], n = out.shape[1], inner = out.shape[2]
+    cdef Py_ssize_t tasks = masked_tasks(outer, n, inner)
+    cdef Py_ssize_t line = masked_parts(n, inner) if inner == 1 else 1  # a row's tasks share
+    cdef Py_ssize_t t, u                                                # its flag
+    cdef floating* op_ = &out[0, 0, 0]
+    cdef int f
+    with nogil:
+        if g != NULL:
+            for t in range(tasks):
+                bad[t] |= grad_fills(g, outer, n, inner, t)
         u = 0
         while u < tasks:        # a NaN or +inf in one part of a row: the whole row; and a
             f = 0               # long row's first output is looked at before a part fixes it
@@ -2129,5 +2375,7 @@ cdef void masked_forward(int op, const floating[:, :, ::1] x, floating[:, :, ::1
             for t in range(u, u + line):
                 bad[t] = f
             u += line
-        masked_pass(xp, op_, wp, ws0, ws1, ws2, outer, n, inner, tasks, nt, bad, False, fill)
+        masked_pass(op_, op_, &where[0, 0, 0], where.strides[0], where.strides[1],
+                    where.strides[2], outer, n, inner, tasks, n_threads(outer * n * inner), bad,
+                    False, fill)
     free(bad)

@@ -228,6 +228,48 @@ static inline double cylsm_log1p(double t)
     return t <= 0x1.fffffffffffffp1023 ? y : t;      /* +inf and NaN as they are */
 }
 
+/* log1p(t + tlo) as hi + *lo, for t >= 0 and |tlo| <= ulp(t): cylsm_log1p with its
+ * terms summed apart, the large ones exactly (k ln2_hi + f is exact, f = m - 1 exactly) and
+ * the small ones with one rounding each, so that hi + *lo is within about 2^-58 |hi| of the
+ * true value, against half an ulp for a rounded result; tlo / (1 + t) is its share. */
+static inline double cylsm_log1p_dd(double t, double tlo, double *lo)
+{
+    const double ln2_hi = 0x1.62e42feep-1;
+    const double ln2_lo = 0x1.a39ef35793c76p-33;
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
+    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
+    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
+    const double Lg7 = 1.479819860511658591e-01;
+
+    double u = 1.0 + t;
+    cylsm_bits ub, mb;
+    ub.d = u;
+    uint64_t hx = ub.u + (0x3ff0000000000000ULL - 0x3fe6a09e667f3bcdULL);
+    int64_t k = (int64_t)(hx >> 52) - 1023;
+    mb.u = (hx & 0x000fffffffffffffULL) + 0x3fe6a09e667f3bcdULL;
+    double dk = (double)k;
+    double c = ((k >= 2 ? 1.0 - (u - t) : t - (u - 1.0)) + tlo) / u;
+    c = k < 54 ? c : 0.0;
+
+    double f = mb.d - 1.0;
+    double hfsq = 0.5 * f * f;
+    double s = f / (2.0 + f);
+    double z = s * s;
+    double w = z * z;
+    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+    double r = t2 + t1;
+    double small = s * (hfsq + r) + (dk * ln2_lo + c) - hfsq;
+    double big = dk * ln2_hi;                        /* exact: ln2_hi has 32 bits */
+    double hi = big + f;                             /* TwoSum of big and f */
+    double bb = hi - big;
+    double e = (big - (hi - bb)) + (f - bb);
+    double h2 = hi + small;                          /* Fast2Sum: |small| < |hi| or hi = 0 */
+    int finite = t <= 0x1.fffffffffffffp1023;
+    *lo = finite ? (small - (h2 - hi)) + e : 0.0;
+    return finite ? h2 : t;                          /* +inf and NaN as they are */
+}
+
 static inline float cylsm_two_difff(float a, float b, float *lo)
 {
     float s = a - b;

@@ -616,6 +616,86 @@ def test_where_logsumexp_backward(lsm, keepdims):
                      rel_extra=2 * eps(np.float64) * np.abs(np.log(np.abs(alone / gk[4, 0]))))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [7, 37, 300, 1500])
+@pytest.mark.parametrize("strided", [False, True], ids=["mask", "strided-mask"])
+def test_where_logsumexp_lines(lsm, dtype, n, strided):
+    """logsumexp and logsumexp_backward with where= on rows shorter than a superblock
+    (logsumexp masks groups of rows into a buffer per thread, or one row at a time when it is
+    longer than a group; the backward masks into its result, in tasks of 131072 elements),
+    enough rows for several tasks and both threads.  The special lines of
+    test_where_forward_special_lines in the first 16 rows (the first task), junk in the masked
+    entries of x, gradients of both signs, -0, +0, inf and NaN in later tasks.  Both must give
+    what the unmasked functions give on x with -inf at the masked entries (the same kernels:
+    the same bits), exactly +0 at the masked entries of the gradient, and out=x the same."""
+    R = max(48, 5 * 131072 // (2 * n))
+    rng = np.random.default_rng(n)
+    x = data((R, n), dtype, seed=n)
+    w = rng.random((R, 2 * n) if strided else (R, n)) < 0.7
+    w = w[:, ::2] if strided else w
+    kinds = np.where(np.arange(R) < 16, np.arange(R) % 8, 0)
+    for i in range(R):
+        if kinds[i] == 1:                       # a kept NaN
+            x[i, n // 2], w[i, n // 2] = NAN, True
+        elif kinds[i] == 2:                     # a kept +inf
+            x[i, n - 1], w[i, n - 1] = INF, True
+        elif kinds[i] == 3:                     # every kept entry is -inf
+            w[i] = False
+            x[i, ::3], w[i, ::3] = -INF, True
+        elif kinds[i] == 5:                     # nothing kept
+            w[i] = False
+    junk = np.array([NAN, INF, dtype(1e30), -INF], dtype)
+    xg = x.copy()
+    xg[~w] = junk[np.arange((~w).sum()) % 4]
+    xm = np.where(w, x, -INF).astype(dtype)
+    g = data((R,), dtype, seed=n + 1)
+    g = np.abs(g)
+    g[R // 3::7] *= -1                              # later tasks: every kind of gradient
+    g[R // 2 + np.arange(6)] = [-0.0, 0.0, INF, NAN, -INF, NAN]
+    g[70::64] = NAN                                 # (columns: one in each block of 64)
+    with no_warnings():
+        r = lsm.logsumexp(xg, axis=1, where=w)
+        r2, sign = lsm.logsumexp(xg, axis=1, where=w, return_sign=True)
+        dx = lsm.logsumexp_backward(g, xg, axis=1, where=w)
+        inplace = xg.copy()
+        lsm.logsumexp_backward(g, inplace, axis=1, where=w, out=inplace)
+        r_plain = lsm.logsumexp(xm, axis=1)
+        dx_plain = lsm.logsumexp_backward(g, xm, axis=1)
+    assert_array_equal(r, r_plain)
+    assert_array_equal(r2, r)
+    assert_array_equal(inplace, dx)
+    assert_array_equal(dx[w], dx_plain[w])
+    assert np.all(dx[~w] == 0) and not np.signbit(dx[~w]).any()
+    plain = ~np.isin(kinds, [1, 2, 3, 5])
+    assert_lse_close(r[plain], ref_logsumexp(x[plain], axis=1, where=w[plain]), dtype)
+    same_special(r[~plain], np.select([kinds[~plain] == 1, kinds[~plain] == 2], [NAN, INF], -INF))
+    same_special(sign, np.select([kinds == 1, np.isin(kinds, [3, 5])], [NAN, 0.0], 1.0))
+    ok = plain & np.isfinite(g)
+    assert_lse_backward_close(dx[ok], g[ok], x[ok], axis=1, where=w[ok])
+    # the same lines as columns (the backward masks blocks of 64 columns; -0 and NaN
+    # gradients in several blocks)
+    xt, xmt = np.ascontiguousarray(xg.T), np.ascontiguousarray(xm.T)
+    with no_warnings():
+        dxt = lsm.logsumexp_backward(g, xt, axis=0, where=w.T)
+        dxt_plain = lsm.logsumexp_backward(g, xmt, axis=0)
+    assert_array_equal(dxt[w.T], dxt_plain[w.T])
+    assert np.all(dxt[~w.T] == 0) and not np.signbit(dxt[~w.T]).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_where_logsumexp_backward_out_is_grad(lsm, dtype):
+    """out=grad with rows of one element: the result is grad's own buffer, which the masked
+    kernel must not overwrite before it reads grad (it masks x into its result first)."""
+    x = data((5, 1), dtype, seed=11)
+    w = np.array([[True], [False], [True], [True], [False]])
+    g = data((5, 1), dtype, seed=12)
+    want = lsm.logsumexp_backward(g, x, axis=1, keepdims=True, where=w)
+    assert_array_equal(want, np.where(w, g, 0))     # exp(x - x) = 1 where kept
+    got = lsm.logsumexp_backward(g, x, axis=1, keepdims=True, where=w, out=g)
+    assert got is g
+    assert_array_equal(g, want)
+
+
 # ------------------------------------------------------------------------------------------
 # b= and return_sign=
 
