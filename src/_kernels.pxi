@@ -160,7 +160,7 @@ cdef enum:
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
     CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
-    GROUP = 1024      # elements of short rows that logsumexp(where=) masks into a buffer at once
+    GROUP = 1024      # elements of short rows logsumexp(where=) masks into a buffer at a time
     JB = 64           # columns walked together by a column kernel
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
     GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
@@ -227,9 +227,9 @@ cdef inline int n_threads(Py_ssize_t size) noexcept nogil:
 cdef inline void add_exact(double* total, double* comp, double v) noexcept nogil:
     """total + comp += v for 0 <= v <= 1 <= total (Fast2Sum: 3 operations for TwoSum's 6).
     The exps of a line's sum pass are at most 1: a total started at 1 (taken off at the end,
-    exactly) keeps every rounding error of the sum in comp.  float64 short rows and columns
-    sum this way: a plain sum of their few terms can be off by a few ulps, which log1p passes
-    on to the logsumexp beyond SPEC's bound where it is below 1."""
+    exactly) keeps every rounding error of the sum in comp.  The float64 logsumexp of short
+    rows and of columns sums this way: a plain sum of a few terms can be off by a few ulps,
+    which log1p passes on to the logsumexp, beyond SPEC's bound where it is below 1."""
     cdef double s = total[0] + v
     comp[0] += v - (s - total[0])
     total[0] = s
@@ -548,17 +548,17 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
                     const floating* ahead_w) noexcept nogil:
     """M: max of the row (NaN ignored); with t the sum of exp(x - M) over the elements other
     than M and c >= 1 the number of elements equal to M: L = log1p((c - 1) + t), S = c + t,
-    and Q the logsumexp M + L (see lse_parts).  The row is cut into superblocks of SUPER elements, each reduced by one thread to its own
-    maximum m, count and sum (one pass over memory: blocks of BLOCK summed in lanes, blocks
-    added with TwoSum); the superblocks are then combined in order, with TwoSum, those with
-    m < M scaled by exp(m - M) in double: long rows do not drift, and the result is the same
-    for any number of threads nt.  When store is not NULL and M is finite,
-    exp(x - m) is stored there, with m the maximum of each superblock, and exp(m - M) in
-    scale[k] for superblock k (0 where m is -inf: nothing was stored there); softmax then
-    needs no second exp.  ahead, ahead_w: what to prefetch while superblock k is summed, from
-    ahead + k * SUPER and ahead_w + k * SUPER on (see block_sumexp): the next row, or for a long
-    row ahead = x + SUPER, the next superblock, which is then in cache when its max pass reads
-    it (logsumexp of a 64 MB row 20% faster)."""
+    and Q the logsumexp M + L (see lse_parts).  The row is cut into superblocks of SUPER
+    elements, each reduced by one thread to its own maximum m, count and sum (one pass over
+    memory: blocks of BLOCK summed in lanes, blocks added with TwoSum); the superblocks are
+    then combined in order, with TwoSum, those with m < M scaled by exp(m - M) in double: long
+    rows do not drift, and the result is the same for any number of threads nt.  When store is
+    not NULL and M is finite, exp(x - m) is stored there, with m the maximum of each
+    superblock, and exp(m - M) in scale[k] for superblock k (0 where m is -inf: nothing was
+    stored there); softmax then needs no second exp.  ahead, ahead_w: what to prefetch while
+    superblock k is summed, from ahead + k * SUPER and ahead_w + k * SUPER on (see
+    block_sumexp): the next row, or for a long row ahead = x + SUPER, the next superblock,
+    which is then in cache when its max pass reads it (logsumexp of a 64 MB row 20% faster)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
@@ -1369,17 +1369,19 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
                 if not ok:          # the general path validates, and copies on overlap
                     return None
             if bx.len <= GIL_BYTES and kind == b"f":
-                run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n, 1)
+                run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n,
+                       1)
             elif bx.len <= GIL_BYTES:
-                run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows, n, 1)
+                run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows,
+                       n, 1)
             else:
                 with nogil:
                     if kind == b"f":
                         run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
-                            rows, n, 1)
+                               rows, n, 1)
                     else:
-                        run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf,
-                            rows, n, 1)
+                        run_op(op, <const double*>bx.buf, <const double*>bg.buf,
+                               <double*>bo.buf, rows, n, 1)
         finally:
             PyBuffer_Release(&bo)
         if out is None and op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
@@ -2302,7 +2304,8 @@ cdef void masked_short_rows(const floating* x, floating* out, const unsigned cha
     cdef int nt = n_threads(outer * n)
     cdef floating* buf = <floating*>malloc(nt * size * sizeof(floating))
     if buf == NULL:
-        raise MemoryError(f"cylsm: could not allocate {nt * size} values for a masked logsumexp")
+        raise MemoryError(
+            f"cylsm: could not allocate {nt * size} values for a masked logsumexp")
     for t in prange(tasks, nogil=True, num_threads=nt, schedule="static"):
         r0 = t * group
         rows = group if r0 + group <= outer else outer - r0

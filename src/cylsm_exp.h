@@ -194,8 +194,10 @@ static inline float cylsm_expf_nonpos_scaled(float x, float lo)
  * classic method (as in fdlibm): u = 1 + t rounded, c = the rounding error of that sum over u;
  * u = 2^k m with m in [sqrt(2)/2, sqrt(2)), f = m - 1, s = f / (2 + f), and
  * log(m) = f - f^2/2 + s (f^2/2 + R(s^2)) with fdlibm's minimax R (error below 2^-58);
- * log1p(t) = k ln2 + log(m) + c.  Under 1 ulp. */
-static inline double cylsm_log1p(double t)
+ * log1p(t) = k ln2 + log(m) + c.  Here for finite t, and t + tlo (tlo a correction of t, at
+ * most an ulp of it, whose share is tlo / u), in three parts: returns big = k ln2_hi (exact:
+ * ln2_hi has 32 bits), *f = f (exact: m - 1), and *small the rest, rounded. */
+static inline double cylsm_log1p_parts(double t, double tlo, double *f, double *small)
 {
     const double ln2_hi = 0x1.62e42feep-1;           /* 6.93147180369123816490e-01 */
     const double ln2_lo = 0x1.a39ef35793c76p-33;     /* 1.90821492927058770002e-10 */
@@ -213,54 +215,38 @@ static inline double cylsm_log1p(double t)
     mb.u = (hx & 0x000fffffffffffffULL) + 0x3fe6a09e667f3bcdULL;
     double dk = (double)k;
     /* The rounding error of 1 + t, exact: for u >= 4, 1 - (u - t); below, t - (u - 1). */
-    double c = (k >= 2 ? 1.0 - (u - t) : t - (u - 1.0)) / u;
-    c = k < 54 ? c : 0.0;
-
-    double f = mb.d - 1.0;
-    double hfsq = 0.5 * f * f;
-    double s = f / (2.0 + f);
-    double z = s * s;
-    double w = z * z;
-    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
-    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
-    double r = t2 + t1;
-    double y = s * (hfsq + r) + (dk * ln2_lo + c) - hfsq + f + dk * ln2_hi;
-    return t <= 0x1.fffffffffffffp1023 ? y : t;      /* +inf and NaN as they are */
-}
-
-/* log1p(t + tlo) as hi + *lo, for t >= 0 and |tlo| <= ulp(t): cylsm_log1p with its
- * terms summed apart, the large ones exactly (k ln2_hi + f is exact, f = m - 1 exactly) and
- * the small ones with one rounding each, so that hi + *lo is within about 2^-58 |hi| of the
- * true value, against half an ulp for a rounded result; tlo / (1 + t) is its share. */
-static inline double cylsm_log1p_dd(double t, double tlo, double *lo)
-{
-    const double ln2_hi = 0x1.62e42feep-1;
-    const double ln2_lo = 0x1.a39ef35793c76p-33;
-    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
-    const double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
-    const double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
-    const double Lg7 = 1.479819860511658591e-01;
-
-    double u = 1.0 + t;
-    cylsm_bits ub, mb;
-    ub.d = u;
-    uint64_t hx = ub.u + (0x3ff0000000000000ULL - 0x3fe6a09e667f3bcdULL);
-    int64_t k = (int64_t)(hx >> 52) - 1023;
-    mb.u = (hx & 0x000fffffffffffffULL) + 0x3fe6a09e667f3bcdULL;
-    double dk = (double)k;
     double c = ((k >= 2 ? 1.0 - (u - t) : t - (u - 1.0)) + tlo) / u;
     c = k < 54 ? c : 0.0;
 
-    double f = mb.d - 1.0;
-    double hfsq = 0.5 * f * f;
-    double s = f / (2.0 + f);
+    double fm = mb.d - 1.0;
+    double hfsq = 0.5 * fm * fm;
+    double s = fm / (2.0 + fm);
     double z = s * s;
     double w = z * z;
     double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
     double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
     double r = t2 + t1;
-    double small = s * (hfsq + r) + (dk * ln2_lo + c) - hfsq;
-    double big = dk * ln2_hi;                        /* exact: ln2_hi has 32 bits */
+    *f = fm;
+    *small = s * (hfsq + r) + (dk * ln2_lo + c) - hfsq;
+    return dk * ln2_hi;
+}
+
+/* log1p(t), rounded (under 1 ulp). */
+static inline double cylsm_log1p(double t)
+{
+    double f, small;
+    double big = cylsm_log1p_parts(t, 0.0, &f, &small);
+    double y = small + f + big;
+    return t <= 0x1.fffffffffffffp1023 ? y : t;      /* +inf and NaN as they are */
+}
+
+/* log1p(t + tlo) as hi + *lo (|tlo| <= ulp(t)): the parts summed with one rounding error
+ * kept (big + f is exact), so that hi + *lo is within about 2^-58 |hi| of the true value,
+ * against half an ulp for a rounded result. */
+static inline double cylsm_log1p_dd(double t, double tlo, double *lo)
+{
+    double f, small;
+    double big = cylsm_log1p_parts(t, tlo, &f, &small);
     double hi = big + f;                             /* TwoSum of big and f */
     double bb = hi - big;
     double e = (big - (hi - bb)) + (f - bb);
