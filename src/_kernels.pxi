@@ -1425,7 +1425,7 @@ def logsumexp(const floating[:, :, ::1] x, floating[:, ::1] out,
               const unsigned char[:, :, :] where=None):
     """OUT out[o, j] = log(sum over i of exp(x[o, i, j])).  where (None: no mask; any strides,
     0 masks out): the sum over the entries it keeps (-inf where it keeps none)."""
-    if where is not None and x.shape[2] == 1 and x.shape[1] < SUPER:
+    if where is not None and x.shape[2] == 1 and 0 < x.shape[1] < SUPER:
         masked_short_rows(&x[0, 0, 0], &out[0, 0], &where[0, 0, 0], where.strides[0],
                           where.strides[1], x.shape[0], x.shape[1])
         return
