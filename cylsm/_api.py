@@ -209,6 +209,11 @@ class _Layout:
         axes, and any whose merged axes are contiguous or all broadcast)."""
         return a.transpose(self.perm).reshape(self.outer, self.n, self.inner)
 
+    def mask3(self, mask: np.ndarray | None) -> np.ndarray | None:
+        """A where= mask (full shape, any strides) as the kernels take it: an (outer, n, inner)
+        uint8 view (see strided3), or None."""
+        return None if mask is None else self.strided3(mask.view(np.uint8))
+
     def two(self, r: np.ndarray, cdt: np.dtype) -> np.ndarray:
         """``r`` (keepdims shape of the reduction) as a C-contiguous (outer, inner) array."""
         t = _aligned(np.ascontiguousarray(r.transpose(self.perm), dtype=cdt))
@@ -268,7 +273,7 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     layout = _Layout(xv.shape, axes, (None if outv is None else _c_order(outv)) or _c_order(xv))
     res = _result_buffer(outv, cdt, [xv] + ([] if mask is None else [mask]), layout)
     r3 = layout.view3(res)
-    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))   # a view
+    m3 = layout.mask3(mask)
     if xv.dtype != cdt or not layout.fits(xv):
         np.copyto(res, xv, casting="unsafe")       # work in place in the result
         x3 = r3
@@ -489,8 +494,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     layout = _Layout(xv.shape, axes, _c_order(xv))
     res2 = np.empty((layout.outer, layout.inner), cdt)
     sign2 = np.empty_like(res2) if return_sign else None
-    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))   # b and the mask go
-    if res2.size:                                                         # as views
+    m3 = layout.mask3(mask)         # b and the mask go to the kernels as views
+    if res2.size:
         if layout.n == 0:
             res2.fill(-np.inf)
         elif bv is not None:
@@ -539,8 +544,7 @@ def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: An
     r3 = layout.view3(res)
     # The mask reaches the kernel as a view: masked entries take no part in the sums, get 0.
     getattr(_kernels(cdt), fname)(layout.three(gv, cdt), layout.three(yv, cdt), r3,
-                                  **({} if mask is None else
-                                     {"where": layout.strided3(mask.view(np.uint8))}))
+                                  **({} if mask is None else {"where": layout.mask3(mask)}))
     return _finish(res, out, rdt, scalar)
 
 
@@ -685,9 +689,9 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     r3 = layout.view3(res)
     g2 = layout.two(g.reshape(_reduced_shape(xv.shape, axes, True)), cdt)
     K = _kernels(cdt)
-    m3 = None if mask is None else layout.strided3(mask.view(np.uint8))
-    if bv is None:          # b and the mask go to the kernel as views; it writes 0 where
-        K.logsumexp_backward(g2, layout.three(xv, cdt), r3, m3)     # they are 0
+    m3 = layout.mask3(mask)         # b and the mask go to the kernels as views; they write 0
+    if bv is None:                  # where those are 0
+        K.logsumexp_backward(g2, layout.three(xv, cdt), r3, m3)
     else:
         K.logsumexp_backward_weighted(g2, layout.three(xv, cdt), layout.strided3(bv), r3, m3)
     return _finish(res, out, rdt, scalar)

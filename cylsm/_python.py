@@ -89,14 +89,9 @@ def _sum(a: np.ndarray) -> np.ndarray:
     return total[..., 0][:, None, :]
 
 
-def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """M, L, S of each line, with keepdims shape (outer, 1, inner)."""
-    M, L, S, _ = _stats_t(x)
-    return M, L, S
-
-
-def _stats_t(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """M, L, S and t: the sum of exp(x - M) over all but one maximal element, L = log1p(t)."""
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """M, L, S of each line, with keepdims shape (outer, 1, inner), and t: the sum of
+    exp(x - M) over all but one maximal element (L = log1p(t) where M is finite)."""
     with np.errstate(all="ignore"):
         M = np.fmax.reduce(x, axis=1, keepdims=True)
         finite = np.isfinite(M)
@@ -122,20 +117,20 @@ def _put(out: np.ndarray, res: np.ndarray, where: np.ndarray | None, fill: float
 
 def log_softmax(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -> None:
     xc = _masked(_compute(x), where)
-    M, L, _ = _stats(xc)
+    M, L, _, _ = _stats(xc)
     with np.errstate(all="ignore"):
         _put(out, (xc - M) - L, where, -np.inf)
 
 
 def softmax(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -> None:
     xc = _masked(_compute(x), where)
-    M, _, S = _stats(xc)
+    M, _, S, _ = _stats(xc)
     with np.errstate(all="ignore"):
         _put(out, _exp_diff(xc, M) / S, where, 0.0)
 
 
 def logsumexp(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -> None:
-    M, L, _, t = _stats_t(_masked(_compute(x), where))
+    M, L, _, t = _stats(_masked(_compute(x), where))
     with np.errstate(all="ignore"):
         r = M + L
         if M.dtype == np.float64 and _WIDE is not None:
@@ -150,7 +145,7 @@ def logsumexp(x: np.ndarray, out: np.ndarray, where: np.ndarray | None = None) -
 def logsumexp_backward(g: np.ndarray, x: np.ndarray, out: np.ndarray,
                        where: np.ndarray | None = None) -> None:
     xc = _masked(_compute(x), where)
-    M, L, _ = _stats(xc)
+    M, L, _, _ = _stats(xc)
     gg = _compute(g)[:, None, :]
     dead = M == -np.inf                      # logsumexp is -inf: the gradient is exactly 0
     with np.errstate(all="ignore"):
