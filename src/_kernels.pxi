@@ -148,9 +148,10 @@ cdef enum:
     W = 16            # lanes of a row kernel
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
-    KEEP_BYTES = 8388608  # softmax and logsumexp_backward rows up to this size keep the exps
-                          # of their sum pass (rereading them from L2/L3 beats a second exp;
-                          # measured up to 8 MB on a 32 MB L3, and no slower past it)
+    KEEP_BYTES = 8388608  # softmax and logsumexp_backward rows (and panels of JB columns) up
+                          # to this size keep the exps of their sum pass (rereading them from
+                          # L2/L3 beats a second exp; measured up to 8 MB on a 32 MB L3, and
+                          # no slower past it)
     KEEP_SUPER = 16       # superblocks of such a row, at most: KEEP_BYTES / (SUPER * 4)
     AHEAD_BYTES = 2097152 # rows up to this size fetch the next row during their sum pass
     KC = 128          # rows of a column kernel summed before the compensated add
@@ -273,18 +274,23 @@ cdef inline void prefetch_panel_row(const floating* r) noexcept nogil:
 
 cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
                               const floating* m, double* tot, double* part, double* comp,
-                              sums kind) noexcept nogil:
+                              floating* store, sums kind) noexcept nogil:
     """OUT tot[j] + comp[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] !=
     m[j] (the others contribute exactly 1 each; panel_max counts them); part: scratch of w.
     float64 with kind short: every addition keeps its rounding error, in comp (see
     add_exact); else comp is 0.
+    When store is not NULL (not with kind short), each exp is also stored at store[k*s + j], in
+    the data type, and the sums add the stored terms (as block_sumexp); in a column whose m is
+    not finite, the column itself is stored instead (then it is there for the output formula
+    even when store is p).
     Along the way the next panel (the JB columns that follow, usually this thread's next
     task) is prefetched, so that its max pass reads from cache: 5-15% faster column kernels.
     (The backward ops' panel_sum got slower with the same prefetch.)"""
     cdef Py_ssize_t k, k0, k1, j
     cdef Py_ssize_t run = RUN64 if floating is double else KC
     cdef const floating* row
-    cdef floating v
+    cdef floating* srow
+    cdef floating v, es
     cdef double e
     for j in range(w):
         tot[j] = 0.0
@@ -306,18 +312,29 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
         k1 = k0 + run if k0 + run < K else K
         for j in range(w):
             part[j] = 0.0
-        for k in range(k0, k1):
-            row = p + k * s
-            prefetch_panel_row(row + JB)
-            for j in range(w):
-                v = row[j]
-                e = exp_diff_s(v, m[j])      # scaled, see unscale
-                part[j] = part[j] if v == m[j] else part[j] + e
+        if store == NULL:
+            for k in range(k0, k1):
+                row = p + k * s
+                prefetch_panel_row(row + JB)
+                for j in range(w):
+                    v = row[j]
+                    e = exp_diff_s(v, m[j])      # scaled, see unscale
+                    part[j] = part[j] if v == m[j] else part[j] + e
+        else:
+            for k in range(k0, k1):
+                row = p + k * s
+                srow = store + k * s
+                prefetch_panel_row(row + JB)
+                for j in range(w):
+                    v = row[j]
+                    es = narrow(exp_diff_s(v, m[j]))
+                    srow[j] = es if -INFINITY < m[j] < INFINITY else v
+                    part[j] = part[j] if v == m[j] else part[j] + es
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(w):
-        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
+        tot[j] = (tot[j] + comp[j]) * (unscale(m[0]) if store == NULL else 1.0)
         comp[j] = 0.0
 
 
@@ -628,9 +645,10 @@ cdef inline int64_t max_key(int64_t a, int64_t b) noexcept nogil:
 
 
 cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                    double* M, double* L, double* S, double* Q, sums kind) noexcept nogil:
+                    double* M, double* L, double* S, double* Q, floating* store,
+                    sums kind) noexcept nogil:
     """M, L, S (see row_stats) of w <= JB neighbouring columns of n elements, s apart, and
-    when Q is not NULL their logsumexps (see finish_stats); kind: see panel_sumexp."""
+    when Q is not NULL their logsumexps (see finish_stats); store, kind: see panel_sumexp."""
     cdef floating m[JB]
     cdef double tot[JB]
     cdef double part[JB]
@@ -638,10 +656,10 @@ cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
     cdef double ones[JB]
     if w == JB:     # a constant width: the compiler keeps the panel's lanes in registers
         panel_max(x, n, JB, s, m, ones)
-        panel_sumexp(x, n, JB, s, m, tot, part, comp, kind)
+        panel_sumexp(x, n, JB, s, m, tot, part, comp, store, kind)
     else:
         panel_max(x, n, w, s, m, ones)
-        panel_sumexp(x, n, w, s, m, tot, part, comp, kind)
+        panel_sumexp(x, n, w, s, m, tot, part, comp, store, kind)
     finish_stats(x, n, w, s, m, ones, tot, comp, M, L, S, Q)
 
 
@@ -1003,18 +1021,25 @@ cdef void row_outputs(int op, const floating* x, const floating* g, floating* ou
 
 cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
                      Py_ssize_t n, Py_ssize_t w, Py_ssize_t s) noexcept nogil:
-    """As stats_row for w neighbouring columns, s apart; g and out (OP_LOGSUMEXP) hold w values."""
+    """As stats_row for w neighbouring columns, s apart; g and out (OP_LOGSUMEXP) hold w values.
+    softmax and logsumexp_backward keep the exps of the sum pass in out, as stats_row does,
+    where the panel of JB columns fits in KEEP_BYTES: one exp per element instead of two."""
     cdef double M[JB]
     cdef double L[JB]
     cdef double S[JB]
     cdef Py_ssize_t j
     cdef double R[JB]
+    cdef bint keep = ((op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD)
+                      and n * JB * sizeof(floating) <= KEEP_BYTES)
     if op == OP_LOGSUMEXP:          # (R holds the logsumexps)
-        col_stats(x, n, w, s, M, L, S, R, <short>0)
+        col_stats(x, n, w, s, M, L, S, R, <floating*>NULL, <short>0)
         for j in range(w):
             out[j] = <floating>R[j]
         return
-    col_stats(x, n, w, s, M, L, S, <double*>NULL, <char>0)
+    if keep:
+        kept_cols(op, x, g, out, n, w, s)
+        return
+    col_stats(x, n, w, s, M, L, S, <double*>NULL, <floating*>NULL, <char>0)
     for j in range(w):
         R[j] = (1.0 / S[j]) * unscale(x[0])     # panel_output's exps are scaled (see unscale)
     if op == OP_LOGSUMEXP_BACKWARD:
@@ -1029,6 +1054,57 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
         panel_output(op, x, out, n, JB, s, M, L, S, R)
     else:
         panel_output(op, x, out, n, w, s, M, L, S, R)
+
+
+cdef void kept_cols(int op, const floating* x, const floating* g, floating* out,
+                    Py_ssize_t n, Py_ssize_t w, Py_ssize_t s) noexcept nogil:
+    """stats_cols for softmax and logsumexp_backward with their exps kept in out."""
+    cdef double M[JB]
+    cdef double L[JB]
+    cdef double S[JB]
+    cdef double F[JB]
+    cdef Py_ssize_t j
+    col_stats(x, n, w, s, M, L, S, <double*>NULL, out, <char>0)
+    for j in range(w):      # what a kept column is multiplied by (float64 softmax: divided by)
+        F[j] = ((S[j] if floating is double else 1.0 / S[j]) if op == OP_SOFTMAX
+                else g[j] / S[j])
+        if S[j] != S[j]:    # the max is not finite (S is NaN): out holds x's column
+            special_column(op, out + j, n, s, M[j], L[j],
+                           g[j] if op == OP_LOGSUMEXP_BACKWARD else 0.0)
+            F[j] = 1.0
+    if w == JB:
+        panel_kept(op, out, n, JB, s, F)
+    else:
+        panel_kept(op, out, n, w, s, F)
+
+
+cdef inline void panel_kept(int op, floating* out, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                            const double* F) noexcept nogil:
+    """The output pass of stats_cols over the exps it kept in out: times F[j], or for float64
+    softmax divided by F[j] (as normalize), as kept_super."""
+    cdef Py_ssize_t i, j
+    cdef floating* orow
+    for i in range(n):
+        orow = out + i * s
+        if op == OP_SOFTMAX and floating is double:
+            for j in range(w):
+                orow[j] = orow[j] / F[j]
+        else:
+            for j in range(w):
+                orow[j] = <floating>(orow[j] * F[j])
+
+
+cdef void special_column(int op, floating* o, Py_ssize_t n, Py_ssize_t s, double M, double L,
+                         double g) noexcept nogil:
+    """In place over a column o (n elements, s apart) whose max M is not finite (L: 0, or NaN
+    if it has a NaN), what panel_output gives there: softmax NaN; logsumexp_backward (upstream
+    gradient g) NaN at +inf entries and g * 0 elsewhere, 0 where M is -inf, NaN throughout
+    where L is NaN.  (Not panel_output itself: a third call of it made GCC stop inlining it,
+    and the column log_softmax got 4-11% slower.)"""
+    cdef Py_ssize_t i
+    cdef double f = NAN if op == OP_SOFTMAX else (0.0 if M == -INFINITY else g) * (L * 0.0 + 1.0)
+    for i in range(n):
+        o[i * s] = <floating>(f * (NAN if o[i * s] == INFINITY else 0.0))
 
 
 cdef inline void panel_output(int op, const floating* x, floating* out, Py_ssize_t n,

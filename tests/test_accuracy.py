@@ -13,6 +13,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from _reference import (
+    assert_lse_backward_close,
     eps,
     higher,
     lse_err,
@@ -96,15 +97,25 @@ def test_log_softmax_error(lsm, dtype, n, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [2, 10, 1000])
+@pytest.mark.parametrize("n", [2, 10, 1000, 40000])
 @pytest.mark.parametrize("kind", ["normal", "peaked", "wide"])
 def test_column_kernel_error(lsm, dtype, n, kind):
-    # the same data reduced over axis 0 of a C-ordered array (strided columns)
+    """The same data reduced over axis 0 of a C-ordered array (strided columns).  softmax and
+    logsumexp_backward keep the exps of their sum pass where a panel of columns fits in 8 MB
+    (up to 16384 float64 or 32768 float32 rows) and take them again beyond (n = 40000)."""
     x = np.ascontiguousarray(make(kind, (rows_for(n), n), dtype, seed=3 * n).T)
     r = lsm.logsumexp(x, axis=0)
     assert float(lse_err(r, ref_logsumexp(x, axis=0), dtype).max()) <= 1.0
     y = lsm.log_softmax(x, axis=0)
     assert max_ulp(y, ref_log_softmax(x, axis=0), dtype) <= 4
+    p = lsm.softmax(x, axis=0)
+    with np.errstate(all="ignore"):
+        import scipy.special
+
+        theirs = max_ulp(scipy.special.softmax(x, axis=0), ref_softmax(x, axis=0), dtype)
+    assert max_ulp(p, ref_softmax(x, axis=0), dtype) <= max(theirs, 2) + 1
+    g = np.random.default_rng(n).standard_normal(x.shape[1]).astype(dtype)
+    assert_lse_backward_close(lsm.logsumexp_backward(g, x, axis=0), g, x, axis=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

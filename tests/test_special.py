@@ -168,6 +168,20 @@ def test_row_as_column_axis0(lsm, case, dtype, ncols):
         assert_lse_close(r[others], ref_logsumexp(xo, axis=0), dtype)
         assert_ulp_close(y[:, others], ref_log_softmax(xo, axis=0), dtype, 4)
         np.testing.assert_allclose(p[:, others], ref_softmax(xo, axis=0), rtol=64 * eps(dtype))
+    # logsumexp_backward: the column gives what the row gives; and both ops in place (softmax
+    # and logsumexp_backward keep their exps in out, which is then x)
+    g = np.linspace(-2.0, 3.0, ncols).astype(dtype)
+    with no_warnings():
+        d = lsm.logsumexp_backward(g, x, axis=0)
+        d_row = lsm.logsumexp_backward(g[col], x[:, col].copy())
+        same_special(d[:, col], d_row)
+        np.testing.assert_allclose(d[:, col], d_row, rtol=8 * eps(dtype))
+        in_place = [(lambda a, out: lsm.softmax(a, axis=0, out=out), p),
+                    (lambda a, out: lsm.logsumexp_backward(g, a, axis=0, out=out), d)]
+        for f, want in in_place:
+            xi = x.copy()
+            assert f(xi, out=xi) is xi
+            assert xi.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
