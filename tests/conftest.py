@@ -21,12 +21,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="test only the pure-Python backend",
     )
+    parser.addoption(
+        "--backends",
+        default="all",
+        help="the backends to run the tests on: 'all' (default: every compiled level this CPU "
+        "runs, then the Python backend), 'best' (the best compiled level alone: the wheels' "
+        "test-command, after the full suite has run on every level), or names separated by "
+        "commas (e.g. compiled-baseline,python)",
+    )
 
 
 def backend_names(config: pytest.Config) -> list[str]:
     if os.environ.get("CYLSM_NO_EXTENSIONS") or config.getoption("--no-c-extensions"):
         return ["python"]
-    return list(_select.COMPILED_NAMES) + ["python"]
+    every = list(_select.COMPILED_NAMES) + ["python"]
+    choice = config.getoption("--backends")
+    if choice == "all":
+        return every
+    if choice == "best":
+        return every[:1]
+    names = choice.split(",")
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise pytest.UsageError(
+            f"--backends {choice}: {', '.join(unknown)} is not a backend of this machine; "
+            f"use all, best, or names from {', '.join(every)}"
+        )
+    return names
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
