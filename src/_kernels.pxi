@@ -70,7 +70,7 @@ cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
     """exp(a - b) for a <= b (or NaN), with a - b formed exactly: its rounding would otherwise
     cost up to |a - b|/2 ulp (e.g. 20 ulp of every term 40 below the maximum).  Scaled: for
     float data times 2^64 (never subnormal, see cylsm_expf_nonpos_scaled), to be unscaled by
-    unscale() (exactly, in double) or narrow()."""
+    unscale() (exactly, in double)."""
     cdef floating lo, d
     if floating is float:
         d = cylsm_two_difff(a, b, &lo)
@@ -78,14 +78,6 @@ cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
     else:
         d = cylsm_two_diff(a, b, &lo)
         return cylsm_exp_nonpos(d, lo)
-
-
-cdef inline floating narrow(floating e) noexcept nogil:
-    """An exp_diff_s result in the data type (float: rounded once)."""
-    if floating is float:
-        return e * <float>CYLSM_UNSCALE
-    else:
-        return e
 
 
 cdef inline double unscale(floating kind) noexcept nogil:
@@ -280,9 +272,10 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     float64 with kind short: every addition keeps its rounding error, in comp (see
     add_exact); else comp is 0.
     When store is not NULL (not with kind short), each exp is also stored at store[k*s + j], in
-    the data type, and the sums add the stored terms (as block_sumexp); in a column whose m is
-    not finite, the column itself is stored instead (then it is there for the output formula
-    even when store is p).
+    the data type and scaled as the sums are (float: exact, never subnormal, so that a large
+    factor does not bring out the rounding of a subnormal); in a column whose m is not finite,
+    the column itself is stored instead (then it is there for the output formula even when
+    store is p).
     Along the way the next panel (the JB columns that follow, usually this thread's next
     task) is prefetched, so that its max pass reads from cache: 5-15% faster column kernels.
     (The backward ops' panel_sum got slower with the same prefetch.)"""
@@ -327,14 +320,14 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                 prefetch_panel_row(row + JB)
                 for j in range(w):
                     v = row[j]
-                    es = narrow(exp_diff_s(v, m[j]))
+                    es = exp_diff_s(v, m[j])
                     srow[j] = es if -INFINITY < m[j] < INFINITY else v
                     part[j] = part[j] if v == m[j] else part[j] + es
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(w):
-        tot[j] = (tot[j] + comp[j]) * (unscale(m[0]) if store == NULL else 1.0)
+        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
         comp[j] = 0.0
 
 
@@ -459,7 +452,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes, added to compensated lane totals after each run of groups (float64: RUN64 groups;
     float32, accumulated in double: the whole block); the lanes are combined with TwoSum.
-    Every exp is also stored in store[i] when store is not NULL.  The lane sums are local
+    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL.  The lane sums are local
     arrays, so they stay in registers (through a pointer they would make a round trip to
     memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
     along the way, so that the memory traffic of the next row overlaps the arithmetic of this
@@ -472,7 +465,6 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     cdef Py_ssize_t run = RUN64 if floating is double else BLOCK // W
     cdef floating v
     cdef double e
-    cdef floating es
     cdef double t = 0.0, c = 0.0
     for j in range(W):
         tot[j] = 0.0
@@ -494,9 +486,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 prefetch_group(ahead + g * W, ahead_w + g * W)
                 for j in range(W):
                     v = x[g * W + j]
-                    es = narrow(exp_diff_s(v, mx))     # the sum of a stored row adds
-                    store[g * W + j] = es               # the stored terms: only S = c + t
-                    acc[j] = acc[j] if v == mx else acc[j] + es     # >= 1 is used
+                    e = exp_diff_s(v, mx)        # stored scaled: see kept_super
+                    store[g * W + j] = e
+                    acc[j] = acc[j] if v == mx else acc[j] + e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         g0 = g1
@@ -504,17 +496,17 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
         for j in range(W):
             i = ng * W + j
             v = x[i] if i < n else mx
-            e = exp_diff_s(v, mx) * (1.0 if store == NULL else unscale(mx))
+            e = exp_diff_s(v, mx)
             acc[j] = 0.0 if v == mx else e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         if store != NULL:
             for i in range(ng * W, n):
-                store[i] = narrow(exp_diff_s(x[i], mx))
+                store[i] = exp_diff_s(x[i], mx)
     for j in range(W):
         two_sum_add(&t, &c, tot[j])
         c += comp[j]
-    return (t + c) * (unscale(mx) if store == NULL else 1.0)
+    return (t + c) * unscale(mx)
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
@@ -769,9 +761,11 @@ cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
 cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, double S,
                             floating gr) noexcept nogil:
     """The output of a kept superblock of n (stats_row): its exps exp(x - m) in o, scale =
-    exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward."""
+    exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward.
+    The exps are scaled (see unscale: for float data never subnormal, so that a large gr does
+    not bring out a subnormal's rounding); f takes the unscaling."""
     cdef Py_ssize_t i
-    cdef double f = (1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)
+    cdef double f = ((1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)) * unscale(gr)
     if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
         for i in range(n):
             o[i] = 0.0
@@ -1065,9 +1059,9 @@ cdef void kept_cols(int op, const floating* x, const floating* g, floating* out,
     cdef double F[JB]
     cdef Py_ssize_t j
     col_stats(x, n, w, s, M, L, S, <double*>NULL, out, <char>0)
-    for j in range(w):      # what a kept column is multiplied by (float64 softmax: divided by)
-        F[j] = ((S[j] if floating is double else 1.0 / S[j]) if op == OP_SOFTMAX
-                else g[j] / S[j])
+    for j in range(w):      # what a kept (scaled) column is multiplied by (float64 softmax:
+        F[j] = ((S[j] if floating is double else (1.0 / S[j]) * unscale(x[0]))   # divided by)
+                if op == OP_SOFTMAX else (g[j] / S[j]) * unscale(x[0]))
         if S[j] != S[j]:    # the max is not finite (S is NaN): out holds x's column
             special_column(op, out + j, n, s, M[j], L[j],
                            g[j] if op == OP_LOGSUMEXP_BACKWARD else 0.0)
@@ -1081,7 +1075,7 @@ cdef void kept_cols(int op, const floating* x, const floating* g, floating* out,
 cdef inline void panel_kept(int op, floating* out, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                             const double* F) noexcept nogil:
     """The output pass of stats_cols over the exps it kept in out: times F[j], or for float64
-    softmax divided by F[j] (as normalize), as kept_super."""
+    softmax divided by F[j]; softmax gives the same bits as panel_output (see normalize)."""
     cdef Py_ssize_t i, j
     cdef floating* orow
     for i in range(n):

@@ -532,6 +532,21 @@ def test_regression_subnormal_exp_factor_float32(lsm):
     assert np.all(np.abs(dx.astype(LD) - ref) <= 4 * eps(np.float32) * np.abs(ref) + spacing)
 
 
+@pytest.mark.parametrize("n", [4, 3000])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_regression_kept_exps_below_float_normal(lsm, n, axis):
+    """float32 logsumexp_backward keeps the exps of its sum pass (rows and columns up to 8 MB)
+    and multiplies them by grad / sum.  They were kept rounded to float, so an exp below 2^-126
+    was rounded to the subnormal grid first, and a large grad brought that out: 1.7% off at
+    exp(-100) with grad 1e30.  They are kept scaled now (never subnormal)."""
+    row = np.full(n, -200.0, np.float32)
+    row[:3] = [0.0, -100.0, -95.5]
+    x = row[:, None].repeat(3, axis=1) if axis == 0 else row[None, :].repeat(3, axis=0)
+    g = np.array([1e30, 1.0, -3e20], np.float32)
+    dx = lsm.logsumexp_backward(g, x, axis=axis)
+    assert_lse_backward_close(dx, g, x, axis=axis)
+
+
 def test_regression_exp_factor_beyond_float_range(lsm):
     """exp(y) above float's range times a zero sum(grad) is 0, as in float64 (it was inf * 0,
     NaN, in float32)."""

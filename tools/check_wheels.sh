@@ -11,8 +11,8 @@
 #  4. a pure py3-none-any wheel (CYLSM_NO_EXTENSIONS=1) built with no compiler on PATH;
 #  5. each wheel installed in a fresh venv and tested from a directory outside the checkout
 #     with cibuildwheel's own test-command (pyproject.toml), which asserts the compiled backend
-#     and OpenMP and runs the suite on the best kernel level; the same on the oldest NumPy we declare; the pure wheel on
-#     the Python backend.
+#     and OpenMP and runs the suite on the best kernel level; the same on the oldest NumPy we
+#     declare; the pure wheel on the Python backend.
 #
 # Exit status 0 only if every step passed.  Environment: CYLSM_WHEEL_PYTHONS="python3.10 ..."
 # to choose the interpreters (default: every CPython 3.10-3.14 under pyenv or on PATH);
