@@ -452,9 +452,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes, added to compensated lane totals after each run of groups (float64: RUN64 groups;
     float32, accumulated in double: the whole block); the lanes are combined with TwoSum.
-    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL.  The lane sums are local
-    arrays, so they stay in registers (through a pointer they would make a round trip to
-    memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
+    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL.  The
+    lane sums are local arrays, so they stay in registers (through a pointer they would make a
+    round trip to memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
     along the way, so that the memory traffic of the next row overlaps the arithmetic of this
     one (callers with nothing to fetch point them at the data that follows x: a condition in
     the loop would keep the compiler from vectorizing it)."""
@@ -463,7 +463,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     cdef double comp[W]
     cdef Py_ssize_t g, g0, g1, j, i, ng = n // W
     cdef Py_ssize_t run = RUN64 if floating is double else BLOCK // W
-    cdef floating v
+    cdef floating v, es
     cdef double e
     cdef double t = 0.0, c = 0.0
     for j in range(W):
@@ -486,9 +486,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 prefetch_group(ahead + g * W, ahead_w + g * W)
                 for j in range(W):
                     v = x[g * W + j]
-                    e = exp_diff_s(v, mx)        # stored scaled: see kept_super
-                    store[g * W + j] = e
-                    acc[j] = acc[j] if v == mx else acc[j] + e
+                    es = exp_diff_s(v, mx)       # stored scaled: see kept_super
+                    store[g * W + j] = es
+                    acc[j] = acc[j] if v == mx else acc[j] + es
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         g0 = g1
