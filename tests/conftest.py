@@ -55,6 +55,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lsm", backend_names(metafunc.config), indirect=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--backends also chooses among the tests parametrized by a backend's name ("backend":
+    tests that measure one backend in a subprocess, tests/test_leaks.py, test_concurrency.py)."""
+    chosen = set(backend_names(config))
+    keep, drop = [], []
+    for item in items:
+        name = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        (drop if isinstance(name, str) and name not in chosen else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def lsm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     try:
@@ -68,9 +81,12 @@ def lsm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def backends(request: pytest.FixtureRequest) -> list[tuple[str, object]]:
     """Every backend at once, as (name, kernel module): for tests that compare them with each
-    other in one example (tests/test_fuzz.py).  Missing compiled kernels fail, as for ``lsm``."""
+    other in one example (tests/test_fuzz.py).  The Python backend is always among them, as the
+    oracle the others are compared with, also under --backends best.  Missing compiled kernels
+    fail, as for ``lsm``."""
+    names = backend_names(request.config)
     found = []
-    for name in backend_names(request.config):
+    for name in names + ([] if "python" in names else ["python"]):
         try:
             found.append((name, _select.load(name)))
         except ImportError as exc:

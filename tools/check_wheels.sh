@@ -203,7 +203,7 @@ print("threadpoolctl openmp:", [m["filepath"] for m in threadpoolctl.threadpool_
 }
 
 pipeline() {  # version: build (unless done), repair, test; on the oldest also the NumPy floor
-    local v=$1 tag=cp${1/./} raw repaired
+    local v=$1 tag=cp${1/./} raw repaired t0=$SECONDS
     if [ "$v" != "$NEWEST" ]; then
         echo "---- py$v: wheel from the sdist"
         "${PY[$v]}" -m venv "$WORK/build-$v"
@@ -213,7 +213,7 @@ pipeline() {  # version: build (unless done), repair, test; on the oldest also t
             || { tail -40 "$WORK/logs/build-$v.log"; echo "the build failed"; return 1; }
     fi
     raw=$(ls "$WORK"/dist/raw/cylsm-*-"$tag"-"$tag"-linux_x86_64.whl)
-    echo "built: $(basename "$raw")"
+    echo "built: $(basename "$raw") ($((SECONDS - t0)) s)"
     "$T/auditwheel" repair --wheel-dir "$WORK/dist/repaired" "$raw" > "$WORK/logs/repair-$v.log" 2>&1 \
         || { cat "$WORK/logs/repair-$v.log"; return 1; }
     repaired=$(ls "$WORK"/dist/repaired/cylsm-*-"$tag"-"$tag"-manylinux*.whl)
@@ -251,8 +251,8 @@ run_leg() {  # name function args...: in the background, log to a file, status t
     local name=$1
     shift
     # The inner subshell keeps set -e (it would be off inside an `||` list).
-    ( set +e; ( set -euo pipefail; "$@" ) > "$WORK/logs/$name.log" 2>&1
-      echo "$?" > "$WORK/logs/$name.rc" ) &
+    ( set +e; t0=$SECONDS; ( set -euo pipefail; "$@" ) > "$WORK/logs/$name.log" 2>&1
+      echo "$?" > "$WORK/logs/$name.rc"; echo "$((SECONDS - t0))" > "$WORK/logs/$name.secs" ) &
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
 }
 
@@ -269,12 +269,13 @@ failed=0
 for name in "${LEGS[@]}"; do
     log="$WORK/logs/$name.log"
     rc=$(cat "$WORK/logs/$name.rc" 2>/dev/null || echo "no status")
+    secs=$(cat "$WORK/logs/$name.secs" 2>/dev/null || echo "?")
     if [ "$rc" = 0 ]; then
-        echo "-- $name: OK"
+        echo "-- $name: OK in $secs s"
         grep -E "^(built|repaired wheel OK|built with no compiler|numpy [0-9]|threadpoolctl openmp|check_installed: OK|---- .*: install|[0-9]+ passed)" "$log" | sed 's/^/   /'
     else
         failed=1
-        echo "-- $name: FAILED (exit $rc); the end of its log:"
+        echo "-- $name: FAILED (exit $rc, after $secs s); the end of its log:"
         tail -60 "$log" | sed 's/^/   /'
     fi
 done
