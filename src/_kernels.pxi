@@ -12,8 +12,8 @@ Three loop shapes:
 * row kernels (inner == 1): a row is cut into blocks of BLOCK elements summed in W lanes, and
   blocks into superblocks of SUPER elements; one long row is shared by the threads superblock
   by superblock;
-* short rows (n < SHORT): TILE rows are transposed into a buffer and reduced by the column
-  kernel, one lane per row;
+* short rows (n < SHORT): TILE rows (a few rows: 32 bytes' worth) are transposed into a
+  buffer and reduced by the column kernel, one lane per row;
 * column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously.
 
 Accuracy: x - max is formed exactly (its rounding error enters exp's reduced argument); the
@@ -64,6 +64,20 @@ ctypedef fused sums:     # (a type only as a compile-time switch, its value is n
     short   # every addition exact (float64 logsumexp, see add_exact); a separate compiled
             # copy, so that the other ops' loops stay as they were (a runtime flag made GCC
             # compile them differently: float64 axis-0 softmax 1.5x slower)
+
+
+ctypedef fused lanes:    # the width of a tile of short rows (a compile-time switch, as sums)
+    int     # TILE lanes
+    long    # narrow: a tile of a few rows computes no more copies of its last row than that
+
+
+cdef inline Py_ssize_t tile_width(lanes kind, floating data) noexcept nogil:
+    """The lanes of a tile of short rows of the type of data (whose value is not used): TILE,
+    or narrow, NARROW bytes: a 256-bit vector (fewer lanes than that vectorize poorly)."""
+    if lanes is int:
+        return TILE
+    else:
+        return NARROW // sizeof(floating)
 
 
 cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
@@ -152,6 +166,7 @@ cdef enum:
                       # same way each time (25 ulp in log_softmax over 128 of them)
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
+    NARROW = 32       # bytes of a row of a narrow tile (see lanes)
     CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
     GROUP = 1024      # elements of short rows logsumexp(where=) masks into a buffer at a time
     JB = 64           # columns walked together by a column kernel
@@ -778,9 +793,10 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
-                     double* Q, double* E, sums kind) noexcept nogil:
-    """col_stats of the TILE columns of T (n x TILE, contiguous, n < SHORT; Q as there), with
-    the width fixed at TILE so that the lanes stay in registers.  When E is not NULL, the exps
+                     double* Q, double* E, sums kind, lanes tw) noexcept nogil:
+    """col_stats of the V = tile_width(tw, ...) columns of T (n x V, contiguous, n < SHORT; Q as
+    there), with the width fixed at compile time so that the lanes stay in registers.  Each
+    lane's arithmetic is the same at either width: the same bits.  When E is not NULL, the exps
     of the sum pass are stored there (as T, in double, scaled: see unscale).  kind: see
     panel_sumexp."""
     cdef floating m[TILE]
@@ -796,7 +812,8 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     cdef int64_t m64[TILE]
     cdef int32_t k32
     cdef int64_t k64
-    for j in range(TILE):
+    cdef Py_ssize_t V = tile_width(tw, <floating>0)
+    for j in range(V):
         m32[j] = cylsm_key32(-INFINITY)
         m64[j] = cylsm_key64(-INFINITY)
         ones[j] = 0.0
@@ -806,57 +823,57 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     # compare as floats, so +0 and -0 are both counted and both left out of the sums
     if floating is float:
         for k in range(n):
-            for j in range(TILE):
-                k32 = cylsm_key32(T[k * TILE + j])
+            for j in range(V):
+                k32 = cylsm_key32(T[k * V + j])
                 m32[j] = k32 if k32 > m32[j] else m32[j]
-        for j in range(TILE):
+        for j in range(V):
             m[j] = cylsm_unkey32(m32[j])
     else:
         for k in range(n):
-            for j in range(TILE):
-                k64 = cylsm_key64(T[k * TILE + j])
+            for j in range(V):
+                k64 = cylsm_key64(T[k * V + j])
                 m64[j] = k64 if k64 > m64[j] else m64[j]
-        for j in range(TILE):
+        for j in range(V):
             m[j] = cylsm_unkey64(m64[j])
     for k in range(n):
-        for j in range(TILE):
-            ones[j] += T[k * TILE + j] == m[j]
+        for j in range(V):
+            ones[j] += T[k * V + j] == m[j]
     k0 = 0
     if floating is double and sums is short:    # one exact sum (add_exact)
-        for j in range(TILE):
+        for j in range(V):
             part[j] = 1.0
         for k in range(n):
-            for j in range(TILE):
-                v = T[k * TILE + j]
+            for j in range(V):
+                v = T[k * V + j]
                 add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_s(v, m[j]))
-        for j in range(TILE):
+        for j in range(V):
             tot[j] = part[j] - 1.0
         k0 = n
     while k0 < n:
         k1 = k0 + run if k0 + run < n else n
-        for j in range(TILE):
+        for j in range(V):
             part[j] = 0.0
         if E == NULL:
             for k in range(k0, k1):
-                for j in range(TILE):
-                    v = T[k * TILE + j]
+                for j in range(V):
+                    v = T[k * V + j]
                     e = exp_diff_s(v, m[j])      # scaled, see unscale
                     part[j] = part[j] if v == m[j] else part[j] + e
         else:
             for k in range(k0, k1):
-                for j in range(TILE):
-                    v = T[k * TILE + j]
+                for j in range(V):
+                    v = T[k * V + j]
                     e = exp_diff_s(v, m[j])
-                    E[k * TILE + j] = e
+                    E[k * V + j] = e
                     part[j] = part[j] if v == m[j] else part[j] + e
-        for j in range(TILE):
+        for j in range(V):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     if floating is float:
-        for j in range(TILE):
+        for j in range(V):
             tot[j] = (tot[j] + comp[j]) * unscale(m[0])
             comp[j] = 0.0
-    finish_stats(T, n, TILE, TILE, m, ones, tot, comp, M, L, S, Q)
+    finish_stats(T, n, V, V, m, ones, tot, comp, M, L, S, Q)
 
 
 cdef void stats_short_rows(int op, const floating* x, const floating* g, floating* out,
@@ -864,9 +881,18 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     """stats_row for R <= TILE rows of n < SHORT elements (g and out advance by one per row
     for OP_LOGSUMEXP_BACKWARD / OP_LOGSUMEXP).  A row that short leaves the row kernel's lanes
     mostly idle, so the tile is transposed into a buffer and the column kernel works across the
-    rows, one lane per row.  Each row's result depends on that row alone.  softmax and
-    logsumexp_backward keep the exps of the sum pass (in double: the same results as a second
-    exp)."""
+    rows, one lane per row.  Each row's result depends on that row alone (a lane's arithmetic
+    is the same in every lane and at either tile width).  softmax and logsumexp_backward keep
+    the exps of the sum pass (in double: the same results as a second exp)."""
+    if R <= NARROW // sizeof(floating):  # a few rows: not TILE - R copies of the last
+        short_tile(op, x, g, out, R, n, <long>0)
+    else:
+        short_tile(op, x, g, out, R, n, <int>0)
+
+
+cdef inline void short_tile(int op, const floating* x, const floating* g, floating* out,
+                            Py_ssize_t R, Py_ssize_t n, lanes tw) noexcept nogil:
+    """stats_short_rows in a tile of V = tile_width(tw, ...) >= R lanes."""
     cdef floating T[SHORT * TILE]
     cdef double E[SHORT * TILE]
     cdef double M[TILE]
@@ -874,20 +900,21 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     cdef double S[TILE]
     cdef double Q[TILE]
     cdef Py_ssize_t r, k
+    cdef Py_ssize_t V = tile_width(tw, <floating>0)
     cdef bint keep = op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD
     for k in range(n):              # a short last tile repeats its last row (a constant-height
-        for r in range(TILE):       # transpose vectorizes as gathers)
-            T[k * TILE + r] = x[(r if r < R else R - 1) * n + k]
+        for r in range(V):          # transpose vectorizes as gathers)
+            T[k * V + r] = x[(r if r < R else R - 1) * n + k]
     if op == OP_LOGSUMEXP:
-        tile_stats(T, n, M, L, S, Q, <double*>NULL, <short>0)
+        tile_stats(T, n, M, L, S, Q, <double*>NULL, <short>0, tw)
     else:
-        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <double*>NULL, <char>0)
+        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <double*>NULL, <char>0, tw)
     if keep:            # the outputs, across the rows (vectorized), into T; then transposed
-        kept_tile(op, E, T, n, g, R, S)
+        kept_tile(op, E, T, n, g, R, S, tw)
     for r in range(R):
         if keep and -INFINITY < M[r] < INFINITY:
             for k in range(n):
-                out[r * n + k] = T[k * TILE + r]
+                out[r * n + k] = T[k * V + r]
         elif op == OP_LOGSUMEXP:
             out[r] = <floating>Q[r]
         else:
@@ -896,25 +923,27 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
 
 
 cdef inline void kept_tile(int op, const double* E, floating* T, Py_ssize_t n, const floating* g,
-                           Py_ssize_t R, const double* S) noexcept nogil:
-    """OUT T (n x TILE): softmax (op OP_SOFTMAX) or logsumexp_backward (gradients g[0:R]) of
-    the rows of a tile whose exps are E (n x TILE, relative to each row's maximum) and whose
-    sums of them are S, as the kept rows of stats_row: E / S, and E * (g / S).  E is scaled
-    (see unscale): the factors take the unscaling, which leaves every product the same."""
+                           Py_ssize_t R, const double* S, lanes tw) noexcept nogil:
+    """OUT T (n x V, V = tile_width(tw, ...)): softmax (op OP_SOFTMAX) or logsumexp_backward
+    (gradients g[0:R]) of the rows of a tile whose exps are E (n x V, relative to each row's
+    maximum) and whose sums of them are S, as the kept rows of stats_row: E / S, and
+    E * (g / S).  E is scaled (see unscale): the factors take the unscaling, which leaves every
+    product the same."""
     cdef double f[TILE]
     cdef Py_ssize_t k, j
+    cdef Py_ssize_t V = tile_width(tw, <floating>0)
     if op == OP_SOFTMAX:
-        for j in range(TILE):
+        for j in range(V):
             f[j] = (1.0 / S[j]) * unscale(T[0])
         for k in range(n):
-            for j in range(TILE):
-                T[k * TILE + j] = normalize(E[k * TILE + j], S[j], f[j], T[0])
+            for j in range(V):
+                T[k * V + j] = normalize(E[k * V + j], S[j], f[j], T[0])
     else:
-        for j in range(TILE):
+        for j in range(V):
             f[j] = (g[j if j < R else R - 1] / S[j]) * unscale(T[0])
         for k in range(n):
-            for j in range(TILE):
-                T[k * TILE + j] = <floating>(E[k * TILE + j] * f[j])
+            for j in range(V):
+                T[k * V + j] = <floating>(E[k * V + j] * f[j])
 
 
 cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
