@@ -884,7 +884,7 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     rows, one lane per row.  Each row's result depends on that row alone (a lane's arithmetic
     is the same in every lane and at either tile width).  softmax and logsumexp_backward keep
     the exps of the sum pass (in double: the same results as a second exp)."""
-    if R <= NARROW // sizeof(floating):  # a few rows: not TILE - R copies of the last
+    if R <= tile_width(<long>0, <floating>0):  # a few rows: not TILE - R copies of the last
         short_tile(op, x, g, out, R, n, <long>0)
     else:
         short_tile(op, x, g, out, R, n, <int>0)
