@@ -121,6 +121,21 @@ cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
     d = cylsm_two_diff(d, c, &lo2)
     return cylsm_exp_nonpos(d, lo1 + lo2)
 
+cdef extern from "cylsm_tile.h" nogil:
+    void cylsm_transpose_f32(const float* src, Py_ssize_t ss, float* dst, Py_ssize_t ds,
+                             Py_ssize_t rows, Py_ssize_t cols) noexcept
+    void cylsm_transpose_f64(const double* src, Py_ssize_t ss, double* dst, Py_ssize_t ds,
+                             Py_ssize_t rows, Py_ssize_t cols) noexcept
+
+
+cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py_ssize_t ds,
+                           Py_ssize_t rows, Py_ssize_t cols) noexcept nogil:
+    """dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols (see cylsm_tile.h)."""
+    if floating is float:
+        cylsm_transpose_f32(src, ss, dst, ds, rows, cols)
+    else:
+        cylsm_transpose_f64(src, ss, dst, ds, rows, cols)
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -326,8 +341,8 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                 prefetch_panel_row(row + JB)
                 for j in range(w):
                     v = row[j]
-                    e = exp_diff_s(v, m[j])      # scaled, see unscale
-                    part[j] = part[j] if v == m[j] else part[j] + e
+                    es = exp_diff_s(v, m[j])     # scaled, see unscale
+                    part[j] += 0 if v == m[j] else es    # (see tile_stats)
         else:
             for k in range(k0, k1):
                 row = p + k * s
@@ -337,7 +352,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                     v = row[j]
                     es = exp_diff_s(v, m[j])
                     srow[j] = es if -INFINITY < m[j] < INFINITY else v
-                    part[j] = part[j] if v == m[j] else part[j] + es
+                    part[j] += 0 if v == m[j] else es
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -494,8 +509,8 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 prefetch_group(ahead + g * W, ahead_w + g * W)
                 for j in range(W):
                     v = x[g * W + j]
-                    e = exp_diff_s(v, mx)        # scaled, see unscale
-                    acc[j] = acc[j] if v == mx else acc[j] + e
+                    es = exp_diff_s(v, mx)       # scaled, see unscale
+                    acc[j] += 0 if v == mx else es       # (see tile_stats)
         else:
             for g in range(g0, g1):
                 prefetch_group(ahead + g * W, ahead_w + g * W)
@@ -503,7 +518,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                     v = x[g * W + j]
                     es = exp_diff_s(v, mx)       # stored scaled: see kept_super
                     store[g * W + j] = es
-                    acc[j] = acc[j] if v == mx else acc[j] + es
+                    acc[j] += 0 if v == mx else es
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         g0 = g1
@@ -793,11 +808,11 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
-                     double* Q, double* E, sums kind, lanes tw) noexcept nogil:
+                     double* Q, floating* E, sums kind, lanes tw) noexcept nogil:
     """col_stats of the V = tile_width(tw, ...) columns of T (n x V, contiguous, n < SHORT; Q as
     there), with the width fixed at compile time so that the lanes stay in registers.  Each
     lane's arithmetic is the same at either width: the same bits.  When E is not NULL, the exps
-    of the sum pass are stored there (as T, in double, scaled: see unscale).  kind: see
+    of the sum pass are stored there (as T, scaled: see unscale).  kind: see
     panel_sumexp."""
     cdef floating m[TILE]
     cdef double ones[TILE]
@@ -806,8 +821,8 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     cdef double comp[TILE]
     cdef Py_ssize_t k, k0, k1, j
     cdef Py_ssize_t run = RUN64 if floating is double else KC
-    cdef floating v
-    cdef double e
+    cdef floating v, e
+    cdef int32_t count[TILE]
     cdef int32_t m32[TILE]
     cdef int64_t m64[TILE]
     cdef int32_t k32
@@ -816,11 +831,13 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     for j in range(V):
         m32[j] = cylsm_key32(-INFINITY)
         m64[j] = cylsm_key64(-INFINITY)
-        ones[j] = 0.0
+        count[j] = 0
         tot[j] = 0.0
         comp[j] = 0.0
     # the maxima over integer keys, which vectorize (see block_max); the counts and sums then
-    # compare as floats, so +0 and -0 are both counted and both left out of the sums
+    # compare as floats, so +0 and -0 are both counted and both left out of the sums (as a 0
+    # term: part + 0 is part, and selecting the term in the data type is cheaper for float
+    # data than selecting the double sum)
     if floating is float:
         for k in range(n):
             for j in range(V):
@@ -837,7 +854,9 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
             m[j] = cylsm_unkey64(m64[j])
     for k in range(n):
         for j in range(V):
-            ones[j] += T[k * V + j] == m[j]
+            count[j] += T[k * V + j] == m[j]
+    for j in range(V):
+        ones[j] = count[j]
     k0 = 0
     if floating is double and sums is short:    # one exact sum (add_exact)
         for j in range(V):
@@ -858,14 +877,14 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                 for j in range(V):
                     v = T[k * V + j]
                     e = exp_diff_s(v, m[j])      # scaled, see unscale
-                    part[j] = part[j] if v == m[j] else part[j] + e
+                    part[j] += 0 if v == m[j] else e
         else:
             for k in range(k0, k1):
                 for j in range(V):
                     v = T[k * V + j]
                     e = exp_diff_s(v, m[j])
                     E[k * V + j] = e
-                    part[j] = part[j] if v == m[j] else part[j] + e
+                    part[j] += 0 if v == m[j] else e
         for j in range(V):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -883,7 +902,7 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     mostly idle, so the tile is transposed into a buffer and the column kernel works across the
     rows, one lane per row.  Each row's result depends on that row alone (a lane's arithmetic
     is the same in every lane and at either tile width).  softmax and logsumexp_backward keep
-    the exps of the sum pass (in double: the same results as a second exp)."""
+    the exps of the sum pass (as computed: the same results as a second exp)."""
     if R <= tile_width(<long>0, <floating>0):  # a few rows: not TILE - R copies of the last
         short_tile(op, x, g, out, R, n, <long>0)
     else:
@@ -894,7 +913,7 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
                             Py_ssize_t R, Py_ssize_t n, lanes tw) noexcept nogil:
     """stats_short_rows in a tile of V = tile_width(tw, ...) >= R lanes."""
     cdef floating T[SHORT * TILE]
-    cdef double E[SHORT * TILE]
+    cdef floating E[SHORT * TILE]
     cdef double M[TILE]
     cdef double L[TILE]
     cdef double S[TILE]
@@ -902,15 +921,24 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
     cdef Py_ssize_t r, k
     cdef Py_ssize_t V = tile_width(tw, <floating>0)
     cdef bint keep = op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD
-    for k in range(n):              # a short last tile repeats its last row (a constant-height
-        for r in range(V):          # transpose vectorizes as gathers)
-            T[k * V + r] = x[(r if r < R else R - 1) * n + k]
+    cdef bint finite = True
+    if R == V:
+        transpose(x, n, T, V, V, n)
+    else:                           # a short last tile repeats its last row
+        for k in range(n):
+            for r in range(V):
+                T[k * V + r] = x[(r if r < R else R - 1) * n + k]
     if op == OP_LOGSUMEXP:
-        tile_stats(T, n, M, L, S, Q, <double*>NULL, <short>0, tw)
+        tile_stats(T, n, M, L, S, Q, <floating*>NULL, <short>0, tw)
     else:
-        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <double*>NULL, <char>0, tw)
+        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <floating*>NULL, <char>0, tw)
     if keep:            # the outputs, across the rows (vectorized), into T; then transposed
         kept_tile(op, E, T, n, g, R, S, tw)
+        for r in range(R):
+            finite = finite and -INFINITY < M[r] < INFINITY
+        if finite and R == V:   # every row kept: the tile is the output, transposed
+            transpose(T, V, out, n, n, V)
+            return
     for r in range(R):
         if keep and -INFINITY < M[r] < INFINITY:
             for k in range(n):
@@ -922,7 +950,7 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
                        out + r * n, n, M[r], L[r], S[r])
 
 
-cdef inline void kept_tile(int op, const double* E, floating* T, Py_ssize_t n, const floating* g,
+cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n, const floating* g,
                            Py_ssize_t R, const double* S, lanes tw) noexcept nogil:
     """OUT T (n x V, V = tile_width(tw, ...)): softmax (op OP_SOFTMAX) or logsumexp_backward
     (gradients g[0:R]) of the rows of a tile whose exps are E (n x V, relative to each row's

@@ -1,0 +1,141 @@
+/* Transposes of the tiles of short rows (see short_tile in _kernels.pxi):
+ *
+ *   dst[c * ds + r] = src[r * ss + c]   for r < rows, c < cols
+ *
+ * in square blocks of one vector register's worth (8 x 8 floats or 4 x 4 doubles with AVX,
+ * half that with SSE) by the usual unpack-and-permute shuffles, the edges element by element.
+ * A plain loop over a tile compiled to one scalar load and store per element (its 16
+ * destination rows are 16 pointers that may overlap as far as the compiler knows, so it does
+ * not vectorize them); these are a quarter of the whole of softmax over rows of 32.  A
+ * transpose only moves bits: results are the same either way.  Compilers without GNU vector
+ * shuffles (MSVC) take the element loop. */
+#ifndef CYLSM_TILE_H
+#define CYLSM_TILE_H
+
+#include <stddef.h>
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define CYLSM_SHUFFLES 1
+#endif
+#endif
+
+#define CYLSM_TRANSPOSE_EDGES                                                    \
+    for (r = 0; r < rows; r++)                                                  \
+        for (c = r < rb ? cb : 0; c < cols; c++)                                \
+            dst[c * ds + r] = src[r * ss + c];
+
+#if defined(CYLSM_SHUFFLES) && defined(__AVX__)
+
+typedef float cylsm_f8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double cylsm_d4 __attribute__((vector_size(32), aligned(8), may_alias));
+#define CYLSM_FB 8
+#define CYLSM_DB 4
+
+static inline void cylsm_block_f32(const float *s, ptrdiff_t ss, float *d, ptrdiff_t ds)
+{
+    cylsm_f8 a0 = *(const cylsm_f8 *)(s), a1 = *(const cylsm_f8 *)(s + ss);
+    cylsm_f8 a2 = *(const cylsm_f8 *)(s + 2 * ss), a3 = *(const cylsm_f8 *)(s + 3 * ss);
+    cylsm_f8 a4 = *(const cylsm_f8 *)(s + 4 * ss), a5 = *(const cylsm_f8 *)(s + 5 * ss);
+    cylsm_f8 a6 = *(const cylsm_f8 *)(s + 6 * ss), a7 = *(const cylsm_f8 *)(s + 7 * ss);
+    /* pairs of rows interleaved (within each 128-bit half) */
+    cylsm_f8 t0 = __builtin_shufflevector(a0, a1, 0, 8, 1, 9, 4, 12, 5, 13);
+    cylsm_f8 t1 = __builtin_shufflevector(a0, a1, 2, 10, 3, 11, 6, 14, 7, 15);
+    cylsm_f8 t2 = __builtin_shufflevector(a2, a3, 0, 8, 1, 9, 4, 12, 5, 13);
+    cylsm_f8 t3 = __builtin_shufflevector(a2, a3, 2, 10, 3, 11, 6, 14, 7, 15);
+    cylsm_f8 t4 = __builtin_shufflevector(a4, a5, 0, 8, 1, 9, 4, 12, 5, 13);
+    cylsm_f8 t5 = __builtin_shufflevector(a4, a5, 2, 10, 3, 11, 6, 14, 7, 15);
+    cylsm_f8 t6 = __builtin_shufflevector(a6, a7, 0, 8, 1, 9, 4, 12, 5, 13);
+    cylsm_f8 t7 = __builtin_shufflevector(a6, a7, 2, 10, 3, 11, 6, 14, 7, 15);
+    /* quadruples: columns j and j + 4 of four rows */
+    cylsm_f8 u0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+    cylsm_f8 u1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+    cylsm_f8 u2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+    cylsm_f8 u3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    cylsm_f8 u4 = __builtin_shufflevector(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
+    cylsm_f8 u5 = __builtin_shufflevector(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+    cylsm_f8 u6 = __builtin_shufflevector(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
+    cylsm_f8 u7 = __builtin_shufflevector(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* the halves of rows 0-3 and 4-7 joined: the columns */
+    *(cylsm_f8 *)(d) = __builtin_shufflevector(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);
+    *(cylsm_f8 *)(d + ds) = __builtin_shufflevector(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);
+    *(cylsm_f8 *)(d + 2 * ds) = __builtin_shufflevector(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);
+    *(cylsm_f8 *)(d + 3 * ds) = __builtin_shufflevector(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);
+    *(cylsm_f8 *)(d + 4 * ds) = __builtin_shufflevector(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);
+    *(cylsm_f8 *)(d + 5 * ds) = __builtin_shufflevector(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);
+    *(cylsm_f8 *)(d + 6 * ds) = __builtin_shufflevector(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);
+    *(cylsm_f8 *)(d + 7 * ds) = __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+static inline void cylsm_block_f64(const double *s, ptrdiff_t ss, double *d, ptrdiff_t ds)
+{
+    cylsm_d4 a0 = *(const cylsm_d4 *)(s), a1 = *(const cylsm_d4 *)(s + ss);
+    cylsm_d4 a2 = *(const cylsm_d4 *)(s + 2 * ss), a3 = *(const cylsm_d4 *)(s + 3 * ss);
+    cylsm_d4 t0 = __builtin_shufflevector(a0, a1, 0, 4, 2, 6);
+    cylsm_d4 t1 = __builtin_shufflevector(a0, a1, 1, 5, 3, 7);
+    cylsm_d4 t2 = __builtin_shufflevector(a2, a3, 0, 4, 2, 6);
+    cylsm_d4 t3 = __builtin_shufflevector(a2, a3, 1, 5, 3, 7);
+    *(cylsm_d4 *)(d) = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    *(cylsm_d4 *)(d + ds) = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    *(cylsm_d4 *)(d + 2 * ds) = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    *(cylsm_d4 *)(d + 3 * ds) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+
+#elif defined(CYLSM_SHUFFLES)
+
+typedef float cylsm_f4 __attribute__((vector_size(16), aligned(4), may_alias));
+typedef double cylsm_d2 __attribute__((vector_size(16), aligned(8), may_alias));
+#define CYLSM_FB 4
+#define CYLSM_DB 2
+
+static inline void cylsm_block_f32(const float *s, ptrdiff_t ss, float *d, ptrdiff_t ds)
+{
+    cylsm_f4 a0 = *(const cylsm_f4 *)(s), a1 = *(const cylsm_f4 *)(s + ss);
+    cylsm_f4 a2 = *(const cylsm_f4 *)(s + 2 * ss), a3 = *(const cylsm_f4 *)(s + 3 * ss);
+    cylsm_f4 t0 = __builtin_shufflevector(a0, a1, 0, 4, 1, 5);
+    cylsm_f4 t1 = __builtin_shufflevector(a0, a1, 2, 6, 3, 7);
+    cylsm_f4 t2 = __builtin_shufflevector(a2, a3, 0, 4, 1, 5);
+    cylsm_f4 t3 = __builtin_shufflevector(a2, a3, 2, 6, 3, 7);
+    *(cylsm_f4 *)(d) = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    *(cylsm_f4 *)(d + ds) = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    *(cylsm_f4 *)(d + 2 * ds) = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    *(cylsm_f4 *)(d + 3 * ds) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+
+static inline void cylsm_block_f64(const double *s, ptrdiff_t ss, double *d, ptrdiff_t ds)
+{
+    cylsm_d2 a0 = *(const cylsm_d2 *)(s), a1 = *(const cylsm_d2 *)(s + ss);
+    *(cylsm_d2 *)(d) = __builtin_shufflevector(a0, a1, 0, 2);
+    *(cylsm_d2 *)(d + ds) = __builtin_shufflevector(a0, a1, 1, 3);
+}
+
+#else
+
+#define CYLSM_FB 1      /* no blocks: the edge loop does it all */
+#define CYLSM_DB 1
+#define cylsm_block_f32(s, ss, d, ds) (*(d) = *(s))
+#define cylsm_block_f64(s, ss, d, ds) (*(d) = *(s))
+
+#endif
+
+static inline void cylsm_transpose_f32(const float *src, ptrdiff_t ss, float *dst, ptrdiff_t ds,
+                                       ptrdiff_t rows, ptrdiff_t cols)
+{
+    ptrdiff_t r, c, rb = rows - rows % CYLSM_FB, cb = cols - cols % CYLSM_FB;
+    for (r = 0; r < rb; r += CYLSM_FB)
+        for (c = 0; c < cb; c += CYLSM_FB)
+            cylsm_block_f32(src + r * ss + c, ss, dst + c * ds + r, ds);
+    CYLSM_TRANSPOSE_EDGES
+}
+
+static inline void cylsm_transpose_f64(const double *src, ptrdiff_t ss, double *dst,
+                                       ptrdiff_t ds, ptrdiff_t rows, ptrdiff_t cols)
+{
+    ptrdiff_t r, c, rb = rows - rows % CYLSM_DB, cb = cols - cols % CYLSM_DB;
+    for (r = 0; r < rb; r += CYLSM_DB)
+        for (c = 0; c < cb; c += CYLSM_DB)
+            cylsm_block_f64(src + r * ss + c, ss, dst + c * ds + r, ds);
+    CYLSM_TRANSPOSE_EDGES
+}
+
+#endif
