@@ -196,7 +196,8 @@ def extensions() -> list[Extension]:
             [f"src/_kernels_{level}.pyx"],
             include_dirs=["src"],
             libraries=libraries,
-            depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h"],
+            depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h",
+                     "src/cylsm_tile.h"],
         )
         for level in levels
     ]
