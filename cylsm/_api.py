@@ -283,18 +283,18 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
-def _is_last(axis: Any) -> bool:
-    """Is ``axis`` the plain int -1, the shortcut's case?  (``axis == -1`` would also let -1.0
-    through unchecked, and fail unclearly for an array.)  Anything else takes the general path,
-    which validates it."""
-    return type(axis) is int and axis == -1
-
-
-def _fast(op: str, x: Any, all_axes: bool = False, out: Any = None, g: Any = None) -> Any:
-    """The kernels' shortcut for C-contiguous float32/float64 ndarrays (x, and g for the
-    backward ops) and a C-contiguous writable ``out``; None when it does not apply (the
-    kernels check)."""
-    return _K.fast(_K.OPS[op], x, all_axes, out, g)
+# The kernels' shortcut, ``_K.fast(op, x, all_axes, out, g)``: C-contiguous float32/float64
+# ndarrays (x, and g for the backward ops) and a C-contiguous writable ``out``; it returns None
+# when it does not apply (the kernels check).  The public functions call it inline, with the op
+# codes below (every backend's OPS has these: test_runtime checks), and take it only for the
+# plain int axis -1 (``type(axis) is int and axis == -1``: ``axis == -1`` alone would also let
+# -1.0 through unchecked, and fail unclearly for an array; anything else takes the general
+# path, which validates it).  A helper function's call cost up to a fifth of a (1, 10) call.
+_OPS = dict(_python.OPS)
+_LOG_SOFTMAX = _OPS["log_softmax"]
+_SOFTMAX = _OPS["softmax"]
+_LOGSUMEXP = _OPS["logsumexp"]
+_LOGSUMEXP_BACKWARD = _OPS["logsumexp_backward"]
 
 
 def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
@@ -341,8 +341,8 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
-    if _is_last(axis) and dtype is None and where is None:
-        result = _fast("log_softmax", x, out=out)
+    if type(axis) is int and axis == -1 and dtype is None and where is None:
+        result = _K.fast(_LOG_SOFTMAX, x, False, out)
         if result is not None:
             return result
     return _normalize("log_softmax", x, axis, out, dtype, where)
@@ -389,8 +389,8 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
-    if _is_last(axis) and dtype is None and where is None:
-        result = _fast("softmax", x, out=out)
+    if type(axis) is int and axis == -1 and dtype is None and where is None:
+        result = _K.fast(_SOFTMAX, x, False, out)
         if result is not None:
             return result
     return _normalize("softmax", x, axis, out, dtype, where)
@@ -467,9 +467,9 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
-    if (axis is None or _is_last(axis)) and not keepdims and dtype is None \
+    if (axis is None or type(axis) is int and axis == -1) and not keepdims and dtype is None \
             and b is None and not return_sign and where is None:
-        result = _fast("logsumexp", a, all_axes=axis is None, out=out)
+        result = _K.fast(_LOGSUMEXP, a, axis is None, out)
         if result is not None:
             return result
     fname = "logsumexp"
@@ -521,8 +521,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
-    if _is_last(axis) and where is None:
-        result = _fast(fname, y, out=out, g=grad)
+    if type(axis) is int and axis == -1 and where is None:
+        result = _K.fast(_OPS[fname], y, False, out, grad)
         if result is not None:
             return result
     g = _array(grad, fname, "grad")
@@ -648,8 +648,9 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
     array([0.5, 0.5])
     """
-    if (axis is None or _is_last(axis)) and not keepdims and b is None and where is None:
-        result = _fast("logsumexp_backward", x, all_axes=axis is None, out=out, g=grad)
+    if (axis is None or type(axis) is int and axis == -1) and not keepdims and b is None \
+            and where is None:
+        result = _K.fast(_LOGSUMEXP_BACKWARD, x, axis is None, out, grad)
         if result is not None:
             return result
     fname = "logsumexp_backward"

@@ -69,6 +69,14 @@ def test_openmp_compiled_in(name: str) -> None:
 
 
 @requires_compiled
+@pytest.mark.parametrize("name", _select.COMPILED_NAMES)
+def test_op_codes_agree(name: str) -> None:
+    """The public functions call every backend's shortcut with the Python backend's op
+    codes (cylsm/_api.py)."""
+    assert _select.load(name).OPS == _select.load("python").OPS
+
+
+@requires_compiled
 def test_every_cpu_level_is_built_and_the_best_is_default() -> None:
     import platform
 
