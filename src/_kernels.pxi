@@ -1475,8 +1475,9 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
         n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
         result = out
-        if out is None and op == OP_LOGSUMEXP:
-            result = _empty(() if all_axes else x.shape[:-1], x.dtype)
+        if out is None and op == OP_LOGSUMEXP:     # (x.shape[:-1] costs 150 ns: a new tuple
+            result = _empty(() if all_axes or bx.ndim == 1 else      # and its slice)
+                            (bx.shape[0],) if bx.ndim == 2 else x.shape[:-1], x.dtype)
         elif out is None:
             result = _empty_like(x)
         try:
