@@ -983,6 +983,12 @@ cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
     return c == 0
 
 
+cdef inline bint grad_float_ok(double M) noexcept nogil:
+    """Whether log_softmax_backward's output for a line whose gradient sums to M may be formed
+    in float (see log_softmax_grad_float)."""
+    return CYLSM_FMA and (M == 0.0 or 4.0 * CYLSM_UNSCALE <= fabs(M) <= 68719476736.0)  # 2^36
+
+
 cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_ssize_t n,
                                  double M) noexcept nogil:
     """out = g - exp(y) * M for a row (or superblock) of float data, M being the sum of the row's
@@ -1003,8 +1009,7 @@ cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_
     cdef Py_ssize_t i
     cdef int positive = 0
     cdef float Ms, v
-    if (CYLSM_FMA and (M == 0.0 or 4.0 * CYLSM_UNSCALE <= fabs(M) <= 68719476736.0)   # 2^36
-            and ((out != y and out != g) or nonpositive(y, n))):
+    if grad_float_ok(M) and ((out != y and out != g) or nonpositive(y, n)):
         Ms = <float>(M * CYLSM_UNSCALE)     # the exps are scaled by 2^64
         for i in range(n):
             v = y[i]            # read once: out may be y
@@ -1279,6 +1284,48 @@ cdef void backward_cols(int op, const floating* g, const floating* q, floating* 
         panel_grad_output(op, g, q, out, n, w, s, tot)
 
 
+cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, float* out,
+                                             Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                                             const double* tot) noexcept nogil:
+    """log_softmax_grad_float for the w <= JB columns of a panel (s apart; tot their gradients'
+    sums), decided column by column, so that a column's result depends on it alone: the
+    columns that may be formed in float are, and if any may not (its sum out of range, or a
+    y > 0), those are done in double, one by one.  Whether all were done (False: nothing was,
+    the caller does the panel in double).  In place (out is y or g) the y are checked first
+    and the columns done in double are not written in the float pass."""
+    cdef Py_ssize_t i, j
+    cdef float Ms[JB]
+    cdef int32_t bad[JB]
+    cdef int32_t nbad = 0
+    cdef float v, e
+    cdef bint in_place = out == y or out == g
+    for j in range(w):
+        Ms[j] = <float>(tot[j] * CYLSM_UNSCALE)     # the exps are scaled by 2^64
+        bad[j] = not grad_float_ok(tot[j])
+        nbad += bad[j]
+    if nbad == w:
+        return False
+    if in_place:
+        for i in range(n):
+            for j in range(w):
+                bad[j] += y[i * s + j] > 0
+        for i in range(n):
+            for j in range(w):
+                e = fmaf(-cylsm_expf_nonpos_scaled(y[i * s + j], 0.0), Ms[j], g[i * s + j])
+                out[i * s + j] = e if bad[j] == 0 else out[i * s + j]
+    else:
+        for i in range(n):
+            for j in range(w):
+                v = y[i * s + j]
+                out[i * s + j] = fmaf(-cylsm_expf_nonpos_scaled(v, 0.0), Ms[j], g[i * s + j])
+                bad[j] += v > 0
+    for j in range(w):      # rare: one column at a time, as row_output's double formula
+        if bad[j]:
+            for i in range(n):
+                out[i * s + j] = <float>(g[i * s + j] - exp_wide(y[i * s + j]) * tot[j])
+    return True
+
+
 cdef inline void panel_grad_output(int op, const floating* g, const floating* q, floating* out,
                                    Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                                    const double* tot) noexcept nogil:
@@ -1287,6 +1334,9 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
     cdef const floating* gr
     cdef const floating* qr
     cdef floating* orow
+    if floating is float and op == OP_LOG_SOFTMAX_BACKWARD and CYLSM_FMA:
+        if log_softmax_grad_float_cols(g, q, out, n, w, s, tot):
+            return
     for i in range(n):
         gr = g + i * s
         qr = q + i * s

@@ -408,14 +408,10 @@ def test_backward_out_in_place(lsm, which):
     np.testing.assert_allclose(target, e2, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("n", [32, 300, 140_000])
-def test_log_softmax_backward_float_rows(lsm, n):
-    """float32 log_softmax_backward runs in float where a row allows it (no y > 0, the
-    gradient's row sum 0 or within 2^-62..2^36; with a fused multiply-add) and in double
-    elsewhere, decided row by row (and per superblock of a long row): rows of each kind side
-    by side, short and long.  Each is within the formula's rounding, is bitwise the same alone
-    as in the batch, and in place (out=grad, out=y: the y are checked before they are
-    overwritten) as not."""
+def float_grad_lines(lsm, n):
+    """Six lines of n (g, y) for log_softmax_backward's float path, one of each kind: a normal
+    one, y > 0 (twice, once beyond the scaled exp's range), sums of g below 2^-62, above 2^36
+    and exactly 0, and exps of 0, flushed to 0 and subnormal."""
     r = rng(n)
     x = (r.standard_normal((6, n)) * 4).astype(np.float32)
     y = lsm.log_softmax(x)
@@ -427,6 +423,18 @@ def test_log_softmax_backward_float_rows(lsm, n):
     g[4, :] = 0.0
     g[4, :2] = [1.5, -1.5]          # sum exactly 0
     y[5, :3] = [-np.inf, -200.0, -104.0]    # exps of 0, flushed to 0 and subnormal
+    return g, y
+
+
+@pytest.mark.parametrize("n", [32, 300, 140_000])
+def test_log_softmax_backward_float_rows(lsm, n):
+    """float32 log_softmax_backward runs in float where a row allows it (no y > 0, the
+    gradient's row sum 0 or within 2^-62..2^36; with a fused multiply-add) and in double
+    elsewhere, decided row by row (and per superblock of a long row): rows of each kind side
+    by side, short and long.  Each is within the formula's rounding, is bitwise the same alone
+    as in the batch, and in place (out=grad, out=y: the y are checked before they are
+    overwritten) as not."""
+    g, y = float_grad_lines(lsm, n)
     dx = lsm.log_softmax_backward(g, y)
     check_log_softmax_backward(dx, g, y, -1, np.float32, k=2)
     for i in range(6):
@@ -435,6 +443,24 @@ def test_log_softmax_backward_float_rows(lsm, n):
         g1, y1 = g.copy(), y.copy()
         target = g1 if which == "grad" else y1
         assert lsm.log_softmax_backward(g1, y1, out=target) is target
+        assert_array_equal(target, dx, err_msg=f"out={which}")
+
+
+@pytest.mark.parametrize("n", [32, 300, 140_000])
+def test_log_softmax_backward_float_cols(lsm, n):
+    """As test_log_softmax_backward_float_rows over axis 0: the column kernel decides column
+    by column, so that each column is bitwise the same next to columns of any kind (here: next
+    to a copy of itself) and in place as not."""
+    g, y = (a.T.copy() for a in float_grad_lines(lsm, n))
+    dx = lsm.log_softmax_backward(g, y, axis=0)
+    check_log_softmax_backward(dx, g, y, 0, np.float32, k=2)
+    for j in range(6):
+        pair = lsm.log_softmax_backward(g[:, [j, j]], y[:, [j, j]], axis=0)
+        assert_array_equal(pair, dx[:, [j, j]], err_msg=f"column {j}")
+    for which in ("grad", "y"):
+        g1, y1 = g.copy(), y.copy()
+        target = g1 if which == "grad" else y1
+        assert lsm.log_softmax_backward(g1, y1, axis=0, out=target) is target
         assert_array_equal(target, dx, err_msg=f"out={which}")
 
 
