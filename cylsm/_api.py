@@ -290,7 +290,7 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
 # plain int axis -1 (``type(axis) is int and axis == -1``: ``axis == -1`` alone would also let
 # -1.0 through unchecked, and fail unclearly for an array; anything else takes the general
 # path, which validates it).  A helper function's call cost up to a fifth of a (1, 10) call.
-_OPS = dict(_python.OPS)
+_OPS = _python.OPS
 _LOG_SOFTMAX = _OPS["log_softmax"]
 _SOFTMAX = _OPS["softmax"]
 _LOGSUMEXP = _OPS["logsumexp"]

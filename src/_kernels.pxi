@@ -114,6 +114,12 @@ cdef inline double exp_wide(floating a) noexcept nogil:
         return cylsm_exp(a)
 
 
+cdef inline double log_softmax_grad(floating g, floating y, double G) noexcept nogil:
+    """log_softmax_backward's output g - exp(y) * G in double (G: the sum of the line's g), to
+    be rounded once to the data type; the float path is log_softmax_grad_float's."""
+    return g - exp_wide(y) * G
+
+
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
     """exp((a - b) - c) for a <= b and c >= 0, both differences formed exactly."""
     cdef double lo1, lo2
@@ -1037,7 +1043,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
             if log_softmax_grad_float(x, g, out, n, M):
                 return
         for i in range(n):
-            out[i] = <floating>(g[i] - exp_wide(x[i]) * M)
+            out[i] = <floating>log_softmax_grad(g[i], x[i], M)
     elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
@@ -1322,7 +1328,7 @@ cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, flo
     for j in range(w):      # rare: one column at a time, as row_output's double formula
         if bad[j]:
             for i in range(n):
-                out[i * s + j] = <float>(g[i * s + j] - exp_wide(y[i * s + j]) * tot[j])
+                out[i * s + j] = <float>log_softmax_grad(g[i * s + j], y[i * s + j], tot[j])
     return True
 
 
@@ -1343,7 +1349,7 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
         orow = out + i * s
         if op == OP_LOG_SOFTMAX_BACKWARD:
             for j in range(w):
-                orow[j] = <floating>(gr[j] - exp_wide(qr[j]) * tot[j])
+                orow[j] = <floating>log_softmax_grad(gr[j], qr[j], tot[j])
         else:
             for j in range(w):
                 orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))
@@ -2189,7 +2195,7 @@ cdef void masked_backward_row(int op, const floating* g, const floating* q, floa
             c += CHUNK
         G = t + cc
         for i in range(n):      # as row_output's double loops (not a call of it: its inlining
-            v = (g[i] - exp_wide(q[i]) * G if lsm else      # into the unmasked kernels
+            v = (log_softmax_grad(g[i], q[i], G) if lsm else    # into the unmasked kernels
                  q[i] * (g[i] - G))                         # would change)
             out[i] = <floating>v if w[i] != 0 else 0
         return
@@ -2201,7 +2207,7 @@ cdef void masked_backward_row(int op, const floating* g, const floating* q, floa
         if w[i * sw] == 0:
             out[i] = 0
         elif lsm:
-            out[i] = <floating>(g[i] - exp_wide(q[i]) * G)
+            out[i] = <floating>log_softmax_grad(g[i], q[i], G)
         else:
             out[i] = <floating>(q[i] * (g[i] - G))
 
@@ -2235,7 +2241,7 @@ cdef void masked_backward_panel(int op, const floating* g, const floating* q, fl
             keep[j] = w[i * ws1 + j * ws2]
         for j in range(cw):
             qv = q[i * s + j]
-            t = g[i * s + j] - exp_wide(qv) * tot[j] if lsm else qv * (g[i * s + j] - tot[j])
+            t = log_softmax_grad(g[i * s + j], qv, tot[j]) if lsm else qv * (g[i * s + j] - tot[j])
             out[i * s + j] = <floating>t if keep[j] != 0 else 0
 
 
