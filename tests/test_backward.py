@@ -464,6 +464,51 @@ def test_log_softmax_backward_float_cols(lsm, n):
         assert_array_equal(target, dx, err_msg=f"out={which}")
 
 
+def softmax_grad_lines(lsm, n):
+    """Four lines of n (g, p) for softmax_backward's float path: a normal one, one whose
+    sum(g * p) is beyond float's range (1.5 FLT_MAX: p is not a softmax there; the float
+    formula would give -inf, the double one the finite -0.375 FLT_MAX), one with p of 0 and
+    tiny outputs, and one of huge gradients."""
+    r = rng(n + 1)
+    x = (r.standard_normal((4, n)) * 4).astype(np.float32)
+    p = lsm.softmax(x)
+    g = r.standard_normal((4, n)).astype(np.float32)
+    fmax = np.finfo(np.float32).max
+    p[1] = np.float32(1.5 / n)
+    g[1] = fmax
+    p[2, : n // 2] = 0.0
+    p[2, n // 2:] = np.float32(1e-30)
+    g[3] *= np.float32(1e37)
+    return g, p
+
+
+@pytest.mark.parametrize("n", [32, 300, 140_000])
+def test_softmax_backward_float_lines(lsm, n):
+    """float32 softmax_backward runs in float (one fused multiply-add) where the line's
+    sum(g * p) rounds to a finite float, in double elsewhere, decided line by line: lines of
+    each kind side by side, as rows and as columns.  Each is within the formula's rounding, is
+    bitwise the same alone (a column: next to a copy of itself) as in the batch, and in place
+    as not."""
+    g, p = softmax_grad_lines(lsm, n)
+    for axis in (-1, 0):
+        ga, pa = (g, p) if axis == -1 else (g.T.copy(), p.T.copy())
+        dx = lsm.softmax_backward(ga, pa, axis=axis)
+        check_softmax_backward(dx, ga, pa, axis, np.float32, k=2)
+        assert np.isfinite(dx).all()
+        for i in range(4):
+            if axis == -1:
+                alone = lsm.softmax_backward(ga[i], pa[i])
+                assert_array_equal(alone, dx[i], err_msg=f"row {i}")
+            else:
+                pair = lsm.softmax_backward(ga[:, [i, i]], pa[:, [i, i]], axis=0)
+                assert_array_equal(pair, dx[:, [i, i]], err_msg=f"column {i}")
+        for which in ("grad", "p"):
+            g1, p1 = ga.copy(), pa.copy()
+            target = g1 if which == "grad" else p1
+            assert lsm.softmax_backward(g1, p1, axis=axis, out=target) is target
+            assert_array_equal(target, dx, err_msg=f"axis={axis} out={which}")
+
+
 def test_backward_out_partial_overlap(lsm):
     buf = data((5, 9), seed=31)
     g = buf[:, :8]
