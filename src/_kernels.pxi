@@ -48,6 +48,7 @@ cdef extern from "cylsm_exp.h" nogil:
     const double CYLSM_UNSCALE     # 2^-64
     const bint CYLSM_FMA
     float cylsm_two_difff(float a, float b, float* lo) noexcept
+    float cylsm_zero_if_equalf(float e, float v, float m) noexcept
     int32_t cylsm_key32(float x) noexcept
     float cylsm_unkey32(int32_t k) noexcept
     int64_t cylsm_key64(double x) noexcept
@@ -92,6 +93,34 @@ cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
     else:
         d = cylsm_two_diff(a, b, &lo)
         return cylsm_exp_nonpos(d, lo)
+
+
+cdef inline floating unless_max(floating e, floating v, floating m) noexcept nogil:
+    """e, or 0 where v == m: the term of a sum that leaves the maxima out (they are counted
+    apart), as a 0 term (part + 0 is part).  Float terms are masked before they are widened
+    (see cylsm_zero_if_equalf)."""
+    if floating is float:
+        return cylsm_zero_if_equalf(e, v, m)
+    else:
+        return 0 if v == m else e
+
+
+cdef inline floating kept_term(floating e, floating v, floating m) noexcept nogil:
+    """The term of a sum whose exps are also stored (softmax, logsumexp_backward keep them):
+    float data sums every e, the maxima too (in double lanes a 1 next to the others costs the
+    sum about 2^-50 of itself, nothing a float result shows, and leaving it out costs an
+    operation per element); the caller then counts no maxima apart (see kept_ones).  Double
+    data leaves them out (unless_max): with the 1s in, a softmax of many equal terms below one
+    maximum was 1.7 ulp off."""
+    if floating is float:
+        return e
+    else:
+        return unless_max(e, v, m)
+
+
+cdef inline bint kept_ones(floating kind) noexcept nogil:
+    """Whether the sums whose exps are stored count the maxima apart (see kept_term)."""
+    return floating is double
 
 
 cdef inline double unscale(floating kind) noexcept nogil:
@@ -320,7 +349,8 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                               const floating* m, double* tot, double* part, double* comp,
                               floating* store, sums kind) noexcept nogil:
     """OUT tot[j] + comp[j]: the sum over k < K of exp(p[k*s + j] - m[j]) where p[k*s + j] !=
-    m[j] (the others contribute exactly 1 each; panel_max counts them); part: scratch of w.
+    m[j] (the others contribute exactly 1 each; panel_max counts them), for float data over
+    all k when store is not NULL (see kept_term); part: scratch of w.
     float64 with kind short: every addition keeps its rounding error, in comp (see
     add_exact); else comp is 0.
     When store is not NULL (not with kind short), each exp is also stored at store[k*s + j], in
@@ -364,7 +394,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                 for j in range(w):
                     v = row[j]
                     es = exp_diff_s(v, m[j])     # scaled, see unscale
-                    part[j] += 0 if v == m[j] else es    # (see tile_stats)
+                    part[j] += unless_max(es, v, m[j])
         else:
             for k in range(k0, k1):
                 row = p + k * s
@@ -374,7 +404,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                     v = row[j]
                     es = exp_diff_s(v, m[j])
                     srow[j] = es if -INFINITY < m[j] < INFINITY else v
-                    part[j] += 0 if v == m[j] else es
+                    part[j] += kept_term(es, v, m[j])
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -504,10 +534,11 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes, added to compensated lane totals after each run of groups (float64: RUN64 groups;
     float32, accumulated in double: the whole block); the lanes are combined with TwoSum.
-    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL.  The
-    lane sums are local arrays, so they stay in registers (through a pointer they would make a
-    round trip to memory at every step).  ahead[0:n] is prefetched for reading and ahead_w[0:n] for writing
-    along the way, so that the memory traffic of the next row overlaps the arithmetic of this
+    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL; float
+    data then sums the maxima too (kept_term).  The lane sums are local arrays, so they stay in
+    registers (through a pointer they would make a round trip to memory at every step; GCC
+    still spills some of the float32 ones to the stack).  ahead[0:n] is prefetched for reading
+    and ahead_w[0:n] for writing along the way, so that the memory traffic of the next row overlaps the arithmetic of this
     one (callers with nothing to fetch point them at the data that follows x: a condition in
     the loop would keep the compiler from vectorizing it)."""
     cdef double acc[W]
@@ -532,7 +563,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 for j in range(W):
                     v = x[g * W + j]
                     es = exp_diff_s(v, mx)       # scaled, see unscale
-                    acc[j] += 0 if v == mx else es       # (see tile_stats)
+                    acc[j] += unless_max(es, v, mx)
         else:
             for g in range(g0, g1):
                 prefetch_group(ahead + g * W, ahead_w + g * W)
@@ -540,7 +571,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                     v = x[g * W + j]
                     es = exp_diff_s(v, mx)       # stored scaled: see kept_super
                     store[g * W + j] = es
-                    acc[j] += 0 if v == mx else es
+                    acc[j] += kept_term(es, v, mx)
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         g0 = g1
@@ -549,7 +580,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
             i = ng * W + j
             v = x[i] if i < n else mx
             e = exp_diff_s(v, mx)
-            acc[j] = 0.0 if v == mx else e
+            acc[j] = 0.0 if v == mx and (store == NULL or kept_ones(v) or i >= n) else e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         if store != NULL:
@@ -596,10 +627,13 @@ cdef double super_stats(const floating* x, Py_ssize_t n, double* m, double* coun
     """Statistics of x[0:n] (n <= SUPER) in one read from memory (the sum pass finds the
     superblock in cache): OUT m: its maximum; OUT count: the number of elements equal to it;
     returns the sum of exp(x - m) over the others (0 if m is infinite, NaN if it is NaN).
-    store, ahead, ahead_w: see super_sum."""
+    When store is not NULL and m is finite, float data sums the maxima too and count is 0 (see
+    kept_term).  store, ahead, ahead_w: see super_sum."""
     cdef floating mx = super_max(x, n, count)
     m[0] = mx
     if -INFINITY < mx < INFINITY:
+        if store != NULL and not kept_ones(mx):     # counted in the sum (see kept_term)
+            count[0] = 0.0
         return super_sum(x, n, mx, store, ahead, ahead_w)
     return mx if mx != mx else 0.0
 
@@ -616,7 +650,9 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     rows do not drift, and the result is the same for any number of threads nt.  When store is
     not NULL and M is finite, exp(x - m) is stored there, with m the maximum of each
     superblock, and exp(m - M) in scale[k] for superblock k (0 where m is -inf: nothing was
-    stored there); softmax then needs no second exp.  ahead, ahead_w: what to prefetch while
+    stored there); softmax then needs no second exp.  For float data c is then 0 and t the
+    whole sum (see kept_term): L loses log1p's accuracy near 0, and only S is used where the
+    exps are kept.  ahead, ahead_w: what to prefetch while
     superblock k is summed, from ahead + k * SUPER and ahead_w + k * SUPER on (see
     block_sumexp): the next row, or for a long row ahead = x + SUPER, the next superblock,
     which is then in cache when its max pass reads it (logsumexp of a 64 MB row 20% faster)."""
@@ -698,12 +734,16 @@ cdef void col_stats(const floating* x, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
     cdef double part[JB]
     cdef double comp[JB]
     cdef double ones[JB]
+    cdef Py_ssize_t j
     if w == JB:     # a constant width: the compiler keeps the panel's lanes in registers
         panel_max(x, n, JB, s, m, ones)
         panel_sumexp(x, n, JB, s, m, tot, part, comp, store, kind)
     else:
         panel_max(x, n, w, s, m, ones)
         panel_sumexp(x, n, w, s, m, tot, part, comp, store, kind)
+    if store != NULL and not kept_ones(x[0]):   # counted in the sums (see kept_term)
+        for j in range(w):
+            ones[j] = 0.0
     finish_stats(x, n, w, s, m, ones, tot, comp, M, L, S, Q)
 
 
@@ -834,7 +874,8 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     """col_stats of the V = tile_width(tw, ...) columns of T (n x V, contiguous, n < SHORT; Q as
     there), with the width fixed at compile time so that the lanes stay in registers.  Each
     lane's arithmetic is the same at either width: the same bits.  When E is not NULL, the exps
-    of the sum pass are stored there (as T, scaled: see unscale).  kind: see
+    of the sum pass are stored there (as T, scaled: see unscale), and float data sums the
+    maxima too (see kept_term).  kind: see
     panel_sumexp."""
     cdef floating m[TILE]
     cdef double ones[TILE]
@@ -857,9 +898,8 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
         tot[j] = 0.0
         comp[j] = 0.0
     # the maxima over integer keys, which vectorize (see block_max); the counts and sums then
-    # compare as floats, so +0 and -0 are both counted and both left out of the sums (as a 0
-    # term: part + 0 is part, and selecting the term in the data type is cheaper for float
-    # data than selecting the double sum)
+    # compare as floats, so +0 and -0 are both counted and both left out of the sums (see
+    # unless_max)
     if floating is float:
         for k in range(n):
             for j in range(V):
@@ -874,9 +914,10 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                 m64[j] = k64 if k64 > m64[j] else m64[j]
         for j in range(V):
             m[j] = cylsm_unkey64(m64[j])
-    for k in range(n):
-        for j in range(V):
-            count[j] += T[k * V + j] == m[j]
+    if E == NULL or kept_ones(T[0]):
+        for k in range(n):
+            for j in range(V):
+                count[j] += T[k * V + j] == m[j]
     for j in range(V):
         ones[j] = count[j]
     k0 = 0
@@ -899,14 +940,14 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                 for j in range(V):
                     v = T[k * V + j]
                     e = exp_diff_s(v, m[j])      # scaled, see unscale
-                    part[j] += 0 if v == m[j] else e
+                    part[j] += unless_max(e, v, m[j])
         else:
             for k in range(k0, k1):
                 for j in range(V):
                     v = T[k * V + j]
                     e = exp_diff_s(v, m[j])
                     E[k * V + j] = e
-                    part[j] += 0 if v == m[j] else e
+                    part[j] += kept_term(e, v, m[j])
         for j in range(V):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1

@@ -163,6 +163,17 @@ static inline double cylsm_exp_nonpos(double x, double lo)
  * maximum. */
 #define CYLSM_UNSCALE 0x1p-64
 
+/* e, or +0 where v == m, made by masking e's bits.  As a select (v == m ? 0 : e), a float term
+ * that is then added to a double sum is selected by GCC after the widening, with the mask
+ * widened too: two more operations per vector than masking the float. */
+static inline float cylsm_zero_if_equalf(float e, float v, float m)
+{
+    cylsm_bits32 b;
+    b.f = e;
+    b.u &= v == m ? 0u : ~0u;
+    return b.f;
+}
+
 /* Whether the target has a fused multiply-add instruction (fmaf is then one instruction that
  * vectorizes; without it, a libm call per element). */
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
@@ -185,8 +196,10 @@ static inline float cylsm_expf_nonpos_scaled(float x, float lo)
     float r = ((x - kd * ln2_hi) + lo) - kd * ln2_lo;
     s1.u = (kb.u << 23) + ((uint32_t)(127 + 64) << 23);   /* 2^(k + 64), normal for k >= -190 */
 
-    float y = cylsm_expf_poly(r);
-    return kd < -188.0f ? 0.0f : y * s1.f;            /* NaN compares false: kept */
+    cylsm_bits32 e;                                   /* 0 by a mask: see cylsm_zero_if_equalf */
+    e.f = cylsm_expf_poly(r) * s1.f;
+    e.u &= kd < -188.0f ? 0u : ~0u;                   /* NaN compares false: kept */
+    return e.f;
 }
 
 /* log1p(t) for t >= 0 (or NaN, +inf), branch-free so that a loop over many rows' sums
