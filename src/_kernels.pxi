@@ -507,9 +507,9 @@ cdef inline Py_ssize_t count_equal(const floating* x, Py_ssize_t n, floating v) 
 
 cdef floating super_max(const floating* x, Py_ssize_t n, double* count) noexcept nogil:
     """The maximum of x[0:n] (n <= SUPER; see block_max for NaN), and in count the number of
-    elements equal to it.  Block by block, so that the counting pass reads from L1.  (Counting
-    along with the maximum, in lanes, would be one pass, but the compiler does not vectorize
-    that.)"""
+    elements equal to it (when count is not NULL).  Block by block, so that the counting pass
+    reads from L1.  (Counting along with the maximum, in lanes, would be one pass, but the
+    compiler does not vectorize that.)"""
     cdef Py_ssize_t b = 0, bn, c = 0
     cdef int64_t mk = key(<floating>-INFINITY), bk
     cdef floating m = -INFINITY, bm
@@ -517,14 +517,17 @@ cdef floating super_max(const floating* x, Py_ssize_t n, double* count) noexcept
         bn = BLOCK if n - b > BLOCK else n - b
         bk = block_max(x + b, bn)
         bm = unkey(bk, &bm)
-        if bm == m:
+        if count == NULL:
+            pass
+        elif bm == m:
             c += count_equal(x + b, bn, bm)
         elif bk > mk:
             c = count_equal(x + b, bn, bm)
         mk = bk if bk > mk else mk
         m = unkey(mk, &m)
         b += BLOCK
-    count[0] = c
+    if count != NULL:
+        count[0] = c
     return m
 
 
@@ -629,11 +632,12 @@ cdef double super_stats(const floating* x, Py_ssize_t n, double* m, double* coun
     returns the sum of exp(x - m) over the others (0 if m is infinite, NaN if it is NaN).
     When store is not NULL and m is finite, float data sums the maxima too and count is 0 (see
     kept_term).  store, ahead, ahead_w: see super_sum."""
-    cdef floating mx = super_max(x, n, count)
+    cdef bint whole = store != NULL and not kept_ones(x[0])    # see kept_term
+    cdef floating mx = super_max(x, n, NULL if whole else count)
     m[0] = mx
+    if whole:           # the maxima are in the sum
+        count[0] = 0.0
     if -INFINITY < mx < INFINITY:
-        if store != NULL and not kept_ones(mx):     # counted in the sum (see kept_term)
-            count[0] = 0.0
         return super_sum(x, n, mx, store, ahead, ahead_w)
     return mx if mx != mx else 0.0
 
@@ -858,15 +862,36 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
     not bring out a subnormal's rounding); f takes the unscaling."""
     cdef Py_ssize_t i
     cdef double f = ((1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)) * unscale(gr)
+    cdef float fh, fl
     if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
         for i in range(n):
             o[i] = 0.0
     elif op == OP_SOFTMAX and floating is double:   # divides, as normalize (o * 1.0 is o)
         for i in range(n):
             o[i] = (o[i] * scale) / S
+    elif floating is float and float_factor_ok(f):
+        fh = <float>f
+        fl = <float>(f - fh)
+        for i in range(n):
+            o[i] = times_factor(o[i], fh, fl)
     else:
         for i in range(n):
             o[i] = <floating>(o[i] * f)
+
+
+cdef inline bint float_factor_ok(double f) noexcept nogil:
+    """Whether float data may be multiplied by f in float (times_factor): where the target has
+    a fused multiply-add, f is 0 or 2^-100 <= |f| <= 2^126 (not NaN): f rounded is then a
+    normal float, and the rest loses at most 2^-50 of f to float's subnormal grid."""
+    return CYLSM_FMA and (f == 0.0 or 7.888609052210118e-31 <= fabs(f) <= 8.507059173023462e37)
+
+
+cdef inline float times_factor(float e, float fh, float fl) noexcept nogil:
+    """e * f rounded to float, f = fh + fl a double split into two floats (fh = f rounded, fl
+    the rest rounded): e * fh + e * fl in one fused multiply-add, about 2^-47 of e * f from
+    the exact product before its one rounding (a double product rounded to float is about
+    2^-53 from it): in float lanes, twice as many as in double and without the conversions."""
+    return fmaf(e, fh, e * fl)
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,

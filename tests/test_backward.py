@@ -250,6 +250,21 @@ def test_logsumexp_backward_large_offset_full_reduction(lsm):
     assert max_ulp(dx, ref, np.float64) <= 64  # exp(x - lse) with lse rounded: ~1e6 ulps off
 
 
+@pytest.mark.parametrize("n", [300, 5000])
+def test_logsumexp_backward_float_factor(lsm, n):
+    """float32 rows whose exps are kept multiply them by g / sum in float (times_factor: a
+    fused multiply-add with the factor's two float parts) where the factor is 0 or within
+    2^-100..2^126, and in double elsewhere: gradients of 1, tiny (the factor below float's
+    range: a float factor would make every output 0), subnormal, huge and 0 side by side, each
+    row alone the same bits as in the batch."""
+    x = (rng(n).standard_normal((5, n)) * 3).astype(np.float32)
+    g = np.array([1.0, 1e-30, 1e-42, 3e38, 0.0], np.float32)
+    dx = lsm.logsumexp_backward(g, x, axis=1)
+    assert_lse_backward_close(dx, g, x, axis=1)
+    for i in range(5):
+        assert_array_equal(lsm.logsumexp_backward(g[i], x[i]), dx[i], err_msg=f"row {i}")
+
+
 # ------------------------------------------------------------------------------------------
 # -inf rows, +inf rows, empty
 
