@@ -541,9 +541,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     data then sums the maxima too (kept_term).  The lane sums are local arrays, so they stay in
     registers (through a pointer they would make a round trip to memory at every step; GCC
     still spills some of the float32 ones to the stack).  ahead[0:n] is prefetched for reading
-    and ahead_w[0:n] for writing along the way, so that the memory traffic of the next row overlaps the arithmetic of this
-    one (callers with nothing to fetch point them at the data that follows x: a condition in
-    the loop would keep the compiler from vectorizing it)."""
+    and ahead_w[0:n] for writing along the way, so that the memory traffic of the next row
+    overlaps the arithmetic of this one (callers with nothing to fetch point them at the data
+    that follows x: a condition in the loop would keep the compiler from vectorizing it)."""
     cdef double acc[W]
     cdef double tot[W]
     cdef double comp[W]
@@ -655,11 +655,11 @@ cdef void row_stats(const floating* x, Py_ssize_t n, double* M, double* L, doubl
     not NULL and M is finite, exp(x - m) is stored there, with m the maximum of each
     superblock, and exp(m - M) in scale[k] for superblock k (0 where m is -inf: nothing was
     stored there); softmax then needs no second exp, and only S: L is left 0 (NaN if t is) and
-    Q is M + L (for float data c is then 0 and t the whole sum, see kept_term).  ahead, ahead_w: what to
-    prefetch while
-    superblock k is summed, from ahead + k * SUPER and ahead_w + k * SUPER on (see
-    block_sumexp): the next row, or for a long row ahead = x + SUPER, the next superblock,
-    which is then in cache when its max pass reads it (logsumexp of a 64 MB row 20% faster)."""
+    Q is M + L (for float data c is then 0 and t the whole sum, see kept_term).  ahead,
+    ahead_w: what to prefetch while superblock k is summed, from ahead + k * SUPER and
+    ahead_w + k * SUPER on (see block_sumexp): the next row, or for a long row ahead = x +
+    SUPER, the next superblock, which is then in cache when its max pass reads it (logsumexp
+    of a 64 MB row 20% faster)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
     cdef int64_t mk = key(<floating>-INFINITY)
     cdef floating mx
@@ -1443,7 +1443,7 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
     if floating is float and op == OP_LOG_SOFTMAX_BACKWARD and CYLSM_FMA:
         if log_softmax_grad_float_cols(g, q, out, n, w, s, tot):
             return
-    if floating is float and op == OP_SOFTMAX_BACKWARD:
+    if floating is float and op == OP_SOFTMAX_BACKWARD and CYLSM_FMA:
         for j in range(w):
             Ms[j] = <float>tot[j]
             ok = ok and softmax_grad_float_ok(tot[j])
