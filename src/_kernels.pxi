@@ -868,9 +868,10 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
     """The output of a kept superblock of n (stats_row): its exps exp(x - m) in o, scale =
     exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward.
     The exps are scaled (see unscale: for float data never subnormal, so that a large gr does
-    not bring out a subnormal's rounding); f takes the unscaling."""
+    not bring out a subnormal's rounding); f takes the unscaling (fs: the factor without it)."""
     cdef Py_ssize_t i
-    cdef double f = ((1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)) * unscale(gr)
+    cdef double fs = (1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)
+    cdef double f = fs * unscale(gr)
     cdef float fh, fl
     if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
         for i in range(n):
@@ -878,9 +879,9 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
     elif op == OP_SOFTMAX and floating is double:   # divides, as normalize (o * 1.0 is o)
         for i in range(n):
             o[i] = (o[i] * scale) / S
-    elif floating is float and float_factor_ok(f):
-        fh = <float>f
-        fl = <float>(f - fh)
+    elif floating is float and float_factor_ok(fs):
+        fh = <float>fs
+        fl = <float>(fs - fh)
         for i in range(n):
             o[i] = times_factor(o[i], fh, fl)
     else:
@@ -888,19 +889,24 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
             o[i] = <floating>(o[i] * f)
 
 
-cdef inline bint float_factor_ok(double f) noexcept nogil:
-    """Whether float data may be multiplied by f in float (times_factor): where the target has
-    a fused multiply-add, f is 0 or 2^-100 <= |f| <= 2^126 (not NaN): f rounded is then a
-    normal float, and the rest loses at most 2^-50 of f to float's subnormal grid."""
-    return CYLSM_FMA and (f == 0.0 or 7.888609052210118e-31 <= fabs(f) <= 8.507059173023462e37)
+cdef inline bint float_factor_ok(double fs) noexcept nogil:
+    """Whether scaled float exps (see unscale) may be multiplied by fs (and unscaled) in float
+    (times_factor): where the target has a fused multiply-add, fs is 0 or 2^-100 <= |fs| <=
+    2^62 (not NaN): fs rounded is then a normal float, the rest loses at most 2^-50 of fs to
+    float's subnormal grid, and no product of an exp (at most 2^64) with it overflows."""
+    return CYLSM_FMA and (fs == 0.0 or 7.888609052210118e-31 <= fabs(fs) <= 4.611686018427388e18)
 
 
 cdef inline float times_factor(float e, float fh, float fl) noexcept nogil:
-    """e * f rounded to float, f = fh + fl a double split into two floats (fh = f rounded, fl
-    the rest rounded): e * fh + e * fl in one fused multiply-add, about 2^-47 of e * f from
-    the exact product before its one rounding (a double product rounded to float is about
-    2^-53 from it): in float lanes, twice as many as in double and without the conversions."""
-    return fmaf(e, fh, e * fl)
+    """e * fs * 2^-64 rounded to float, for a scaled exp e (see unscale) and fs = fh + fl a double
+    split into two floats (fh = fs rounded, fl the rest rounded): e * fh + e * fl in one fused
+    multiply-add, then the exact unscaling.  About 2^-47 of the product from the exact one
+    before its one rounding (a double product rounded to float is about 2^-53 from it), in
+    float lanes: twice as many as in double, and without the conversions.  The unscaling comes
+    last so that e * fl stays a normal float for every normal result (unscaled first, it fell
+    to float's subnormal grid below 2^-100 and cost such results up to 0.3 ulp); a subnormal
+    result is rounded twice (at most 3/4 of its spacing off)."""
+    return fmaf(e, fh, e * fl) * <float>CYLSM_UNSCALE
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
