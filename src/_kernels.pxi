@@ -149,22 +149,6 @@ cdef inline double log_softmax_grad(floating g, floating y, double G) noexcept n
     return g - exp_wide(y) * G
 
 
-cdef inline bint softmax_grad_float_ok(double M) noexcept nogil:
-    """Whether softmax_backward's output for a line whose sum(g * p) is M is formed in float
-    (softmax_grad_float): where the target has a fused multiply-add and M rounds to a finite
-    float (|M| <= FLT_MAX, or NaN)."""
-    return CYLSM_FMA and not (fabs(M) > 3.4028234663852886e38)
-
-
-cdef inline float softmax_grad_float(float p, float g, float Ms) noexcept nogil:
-    """softmax_backward's output p * (g - M) for float data, Ms being M rounded to float:
-    p * g - p * Ms, rounded once by a fused multiply-add (plus the roundings of Ms and p * Ms).
-    Worst error measured, in units of 2^-24 of p * (|g| + sum|g * p|): 2.5, against 1.0 for
-    the double formula (which converts every element: float32 rows of 32 took 1.5x the time)
-    and 5.7 for the plain float formula that torch and jax evaluate."""
-    return fmaf(p, g, -(p * Ms))
-
-
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
     """exp((a - b) - c) for a <= b and c >= 0, both differences formed exactly."""
     cdef double lo1, lo2
@@ -1128,7 +1112,6 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
-    cdef float Ms
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
@@ -1142,13 +1125,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
                 return
         for i in range(n):
             out[i] = <floating>log_softmax_grad(g[i], x[i], M)
-    elif op == OP_SOFTMAX_BACKWARD:     # in double unless in float (softmax_grad_float)
-        if floating is float:
-            if softmax_grad_float_ok(M):
-                Ms = <float>M
-                for i in range(n):
-                    out[i] = softmax_grad_float(x[i], g[i], Ms)
-                return
+    elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
     else:
@@ -1444,26 +1421,9 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
     cdef const floating* gr
     cdef const floating* qr
     cdef floating* orow
-    cdef float Ms[JB]
-    cdef bint ok = True
     if floating is float and op == OP_LOG_SOFTMAX_BACKWARD and CYLSM_FMA:
         if log_softmax_grad_float_cols(g, q, out, n, w, s, tot):
             return
-    if floating is float and op == OP_SOFTMAX_BACKWARD and CYLSM_FMA:
-        for j in range(w):
-            Ms[j] = <float>tot[j]
-            ok = ok and softmax_grad_float_ok(tot[j])
-        if ok:
-            for i in range(n):
-                for j in range(w):
-                    out[i * s + j] = softmax_grad_float(q[i * s + j], g[i * s + j], Ms[j])
-        else:       # rare: column by column, each by its own sum (as rows are)
-            for j in range(w):
-                for i in range(n):
-                    out[i * s + j] = (softmax_grad_float(q[i * s + j], g[i * s + j], Ms[j])
-                                      if softmax_grad_float_ok(tot[j]) else
-                                      <float>(q[i * s + j] * (g[i * s + j] - tot[j])))
-        return
     for i in range(n):
         gr = g + i * s
         qr = q + i * s

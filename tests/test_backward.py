@@ -480,10 +480,10 @@ def test_log_softmax_backward_float_cols(lsm, n):
 
 
 def softmax_grad_lines(lsm, n):
-    """Four lines of n (g, p) for softmax_backward's float path: a normal one, one whose
-    sum(g * p) is beyond float's range (1.5 FLT_MAX: p is not a softmax there; the float
-    formula would give -inf, the double one the finite -0.375 FLT_MAX), one with p of 0 and
-    tiny outputs, and one of huge gradients."""
+    """Four lines of n (g, p) for float32 softmax_backward: a normal one, one whose sum(g * p)
+    is beyond float's range (1.5 FLT_MAX: p is not a softmax there; a float formula would give
+    -inf, the double one gives the finite -0.375 FLT_MAX), one with p of 0 and tiny outputs,
+    and one of huge gradients."""
     r = rng(n + 1)
     x = (r.standard_normal((4, n)) * 4).astype(np.float32)
     p = lsm.softmax(x)
@@ -499,11 +499,11 @@ def softmax_grad_lines(lsm, n):
 
 @pytest.mark.parametrize("n", [32, 300, 140_000])
 def test_softmax_backward_float_lines(lsm, n):
-    """float32 softmax_backward runs in float (one fused multiply-add) where the line's
-    sum(g * p) rounds to a finite float, in double elsewhere, decided line by line: lines of
-    each kind side by side, as rows and as columns.  Each is within the formula's rounding, is
-    bitwise the same alone (a column: next to a copy of itself) as in the batch, and in place
-    as not."""
+    """float32 softmax_backward over lines of each kind side by side, as rows and as columns
+    (it is formed in double: a float formula, p*g - p*sum in one fused multiply-add, was tried
+    and dropped, because where g and the sum cancel it lost what the double formula keeps, see
+    tools/valgrind_cases.py).  Each line is within the formula's rounding, is bitwise the same
+    alone (a column: next to a copy of itself) as in the batch, and in place as not."""
     g, p = softmax_grad_lines(lsm, n)
     for axis in (-1, 0):
         ga, pa = (g, p) if axis == -1 else (g.T.copy(), p.T.copy())
@@ -522,6 +522,26 @@ def test_softmax_backward_float_lines(lsm, n):
             target = g1 if which == "grad" else p1
             assert lsm.softmax_backward(g1, p1, axis=axis, out=target) is target
             assert_array_equal(target, dx, err_msg=f"axis={axis} out={which}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_backward_cancellation(lsm, dtype):
+    """Two p near 1/2: their g and sum(g * p) nearly cancel, and p * (g - sum) is small.  The
+    double formula is off by about 2^-53 of the terms' size p * (|g| + sum|g * p|) there; a
+    float formula (p*g - p*sum in one fused multiply-add, or torch's) by about 2^-24 of it,
+    which tools/valgrind_cases.py in CI found against the Python backend."""
+    r = rng(17)
+    x = (r.standard_normal(1000) * 3).astype(dtype)
+    x[:2] = 40                          # two p of about 1/2
+    g = r.standard_normal(1000).astype(dtype)
+    g[:2] = [1.0, 1.0 + 3 * 2.0**-23]   # sum(g * p) about 1 + 1.5 * 2^-23: not a float
+    p = lsm.softmax(x)
+    dx = lsm.softmax_backward(g, p)
+    ref = ref_softmax_backward(g, p)
+    pl, gl = p.astype(LD), g.astype(LD)
+    scale = pl[:2] * (np.abs(gl[:2]) + np.sum(np.abs(gl * pl)))
+    assert np.all(np.abs(ref[:2]) < 1e-5 * scale)       # the cancellation is there
+    assert np.all(np.abs(dx[:2].astype(LD) - ref[:2]) <= 1e-12 * scale)
 
 
 def test_backward_out_partial_overlap(lsm):
