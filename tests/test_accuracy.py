@@ -119,6 +119,35 @@ def test_column_kernel_error(lsm, dtype, n, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_column_maxima_counted_across_runs(lsm, dtype):
+    """Column kernels count each column's maxima in runs of 4096 rows and merge the runs: ties
+    within a run, ties across runs, a larger maximum in a later run (which resets the count), a
+    smaller one, and every element equal.  The rest lie 30 below, so that logsumexp - max =
+    log(count + tiny) shows a miscount at once, and the tiny sum tests log1p's accuracy."""
+    n = 10000
+    x = np.full((n, 6), -30.0) + np.random.default_rng(8).random((n, 6))
+    x[[5, 4100, 9000], 0] = 2.5                 # one tie in each run
+    x[[5, 6], 1] = 1.0                          # maxima in the first run only
+    x[[7000], 1] = 2.0                          # ... then a larger one in the second
+    x[[9999], 1] = 2.0
+    x[[0, 4095, 4096, 8191, 8192], 2] = 3.0     # ties at the run boundaries
+    x[[100], 3] = 1.0                           # a larger maximum first, a smaller one later
+    x[[5000, 9500], 3] = 0.5
+    x[:, 4] = -0.75                             # every element a maximum
+    x[:, 5] = 0.0
+    x = x.astype(dtype)
+    r = lsm.logsumexp(x, axis=0)
+    assert float(lse_err(r, ref_logsumexp(x, axis=0), dtype).max()) <= 1.0
+    assert max_ulp(lsm.log_softmax(x, axis=0), ref_log_softmax(x, axis=0), dtype) <= 4
+    import scipy.special
+
+    theirs = max_ulp(scipy.special.softmax(x, axis=0), ref_softmax(x, axis=0), dtype)
+    assert max_ulp(lsm.softmax(x, axis=0), ref_softmax(x, axis=0), dtype) <= max(theirs, 2) + 1
+    g = np.linspace(-1, 2, 6).astype(dtype)
+    assert_lse_backward_close(lsm.logsumexp_backward(g, x, axis=0), g, x, axis=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [3, 7])
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_logsumexp_many_short_lines(lsm, dtype, n, axis):
