@@ -44,7 +44,15 @@ def _array(a: Any, fname: str, argname: str) -> np.ndarray:
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _result_dtype(fname: str, *arrays: np.ndarray, dtype: Any = None) -> np.dtype:
+def _weak(a: Any, arr: np.ndarray) -> Any:
+    """What dtype promotion sees of an argument ``a`` (converted to ``arr``): a Python bool,
+    int or float is a "weak" scalar that takes the other operands' dtype, as in NumPy 2 (NEP
+    50) and scipy (``logsumexp(x32, b=2.0)`` is float32); anything else is its array."""
+    return a if type(a) in (float, int, bool) else arr
+
+
+def _result_dtype(fname: str, *arrays: Any, dtype: Any = None) -> np.dtype:
+    """The result dtype of operands ``arrays`` (ndarrays, or weak scalars: see _weak)."""
     if dtype is not None:
         d = np.dtype(dtype)
         if d.kind != "f":
@@ -53,12 +61,13 @@ def _result_dtype(fname: str, *arrays: np.ndarray, dtype: Any = None) -> np.dtyp
                 "float32, float64 or longdouble"
             )
     else:
-        d = arrays[0].dtype
-        if (d is _NATIVE[0] or d is _NATIVE[1]) and all(a.dtype is d for a in arrays):
+        d = getattr(arrays[0], "dtype", None)
+        if (d is _NATIVE[0] or d is _NATIVE[1]) and all(
+                getattr(a, "dtype", None) is d for a in arrays):
             return d                        # the common case, without result_type's cost
         # promoted by dtype alone, as NumPy 2 does (NEP 50): NumPy 1.x would let the value of
         # a 0-d array decide (a 0-d float64 b left a float32 x's result float32)
-        d = np.result_type(*(a.dtype for a in arrays))
+        d = np.result_type(*(getattr(a, "dtype", a) for a in arrays))
         if d.kind != "f":
             d = np.dtype(np.float64)
     native: np.dtype = np.dtype(d.type)  # native byte order
@@ -485,7 +494,7 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     fname = "logsumexp"
     xa = _array(a, fname, "a")
     ba = None if b is None else _array(b, fname, "b")
-    rdt = _result_dtype(fname, xa, *([] if ba is None else [ba]), dtype=dtype)
+    rdt = _result_dtype(fname, xa, *([] if ba is None else [_weak(b, ba)]), dtype=dtype)
     cdt = _compute_dtype(rdt)
     if dtype is not None:                           # dtype=: the inputs are cast first
         xa = _cast(xa, rdt)
@@ -538,7 +547,7 @@ def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: An
     g = _array(grad, fname, "grad")
     ya = _array(y, fname, yname)
     _same_shape(fname, g, "grad", ya, yname)
-    rdt = _result_dtype(fname, g, ya)
+    rdt = _result_dtype(fname, _weak(grad, g), ya)
     cdt = _compute_dtype(rdt)
     scalar = ya.ndim == 0
     if out is not None:
@@ -667,7 +676,7 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     xa = _array(x, fname, "x")
     g = _array(grad, fname, "grad")
     ba = None if b is None else _array(b, fname, "b")
-    rdt = _result_dtype(fname, g, xa, *([] if ba is None else [ba]))
+    rdt = _result_dtype(fname, _weak(grad, g), xa, *([] if ba is None else [_weak(b, ba)]))
     cdt = _compute_dtype(rdt)
     scalar = xa.ndim == 0
     if out is not None:

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 from numpy.exceptions import AxisError
-from numpy.testing import assert_array_equal
+from numpy.testing import assert_allclose, assert_array_equal
 
 import cylsm
 
@@ -1126,6 +1126,25 @@ def test_return_sign_of_a_result_far_below_zero(lsm):
         v, s = lsm.logsumexp([-1000.0, -1001.0], b=b, return_sign=True)
         assert s == 1.0
         assert v == pytest.approx(-1000.0 + np.log1p(np.exp(-1.0)), rel=1e-15)
+
+
+def test_python_scalars_take_the_arrays_dtype(lsm):
+    """A Python float, int or bool grad or b is a "weak" scalar (NEP 50): it leaves a float32
+    result float32, as ``x * 2.0`` and scipy's ``logsumexp(x, b=2.0)`` do; a NumPy scalar or
+    0-d array is not (test_result_dtype_by_dtype_not_value)."""
+    import scipy.special
+
+    x = np.array([0.5, -1.0, 2.0], np.float32)
+    for w in (2.0, 2, True):
+        assert np.asarray(lsm.logsumexp(x, b=w)).dtype == np.float32
+        assert np.asarray(scipy.special.logsumexp(x, b=w)).dtype == np.float32
+        assert lsm.logsumexp_backward(w, x).dtype == np.float32
+        assert lsm.logsumexp_backward(w, x, b=w).dtype == np.float32
+        assert lsm.log_softmax_backward(w, np.float32(-0.5)).dtype == np.float32
+        assert lsm.softmax_backward(w, np.float32(1.0)).dtype == np.float32
+    assert_allclose(lsm.logsumexp_backward(1.0, x), lsm.softmax(x, axis=None), rtol=1e-6)
+    assert lsm.logsumexp_backward(np.float64(1.0), x).dtype == np.float64
+    assert lsm.logsumexp_backward(1.0, [0.0, 1.0]).dtype == np.float64    # a list is an array
 
 
 def test_result_dtype_by_dtype_not_value(lsm):
