@@ -302,13 +302,13 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
     return _finish(res, out, rdt, scalar)
 
 
-# The kernels' shortcut, ``_K.fast(op, x, all_axes, out, g)``: C-contiguous float32/float64
-# ndarrays (x, and g for the backward ops) and a C-contiguous writable ``out``; it returns None
-# when it does not apply (the kernels check).  The public functions call it inline, with the op
-# codes below (every backend's OPS has these: test_runtime checks), and take it only for the
-# plain int axis -1 (``type(axis) is int and axis == -1``: ``axis == -1`` alone would also let
-# -1.0 through unchecked, and fail unclearly for an array; anything else takes the general
-# path, which validates it).  A helper function's call cost up to a fifth of a (1, 10) call.
+# The kernels' shortcut, ``_K.fast(op, x, all_axes, out, g, axis)``: C-contiguous
+# float32/float64 ndarrays (x, and g for the backward ops) and a C-contiguous writable ``out``,
+# reduced over all axes or the last one (axis -1 or x.ndim - 1); it returns None when it does
+# not apply (the kernels check).  The public functions call it inline, with the op codes below
+# (every backend's OPS has these: test_runtime checks), and only for a plain int axis
+# (``type(axis) is int``: a float, bool or array axis takes the general path, which validates
+# it).  A helper function's call cost up to a fifth of a (1, 10) call.
 _OPS = _python.OPS
 _LOG_SOFTMAX = _OPS["log_softmax"]
 _SOFTMAX = _OPS["softmax"]
@@ -360,8 +360,8 @@ def log_softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     array([[-0.69314718, -0.69314718],
            [-0.69314718, -0.69314718]])
     """
-    if type(axis) is int and axis == -1 and dtype is None and where is None:
-        result = _K.fast(_LOG_SOFTMAX, x, False, out)
+    if type(axis) is int and dtype is None and where is None:
+        result = _K.fast(_LOG_SOFTMAX, x, False, out, None, axis)
         if result is not None:
             return result
     return _normalize("log_softmax", x, axis, out, dtype, where)
@@ -408,8 +408,8 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
     >>> cylsm.softmax([1.0, 2.0, 3.0], where=[True, True, False])
     array([0.26894142, 0.73105858, 0.        ])
     """
-    if type(axis) is int and axis == -1 and dtype is None and where is None:
-        result = _K.fast(_SOFTMAX, x, False, out)
+    if type(axis) is int and dtype is None and where is None:
+        result = _K.fast(_SOFTMAX, x, False, out, None, axis)
         if result is not None:
             return result
     return _normalize("softmax", x, axis, out, dtype, where)
@@ -486,9 +486,9 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
     >>> float(value), float(sign)
     (1.5413248546129181, -1.0)
     """
-    if (axis is None or type(axis) is int and axis == -1) and not keepdims and dtype is None \
-            and b is None and not return_sign and where is None:
-        result = _K.fast(_LOGSUMEXP, a, axis is None, out)
+    if (axis is None or type(axis) is int) and not keepdims and dtype is None and b is None \
+            and not return_sign and where is None:
+        result = _K.fast(_LOGSUMEXP, a, axis is None, out, None, axis)
         if result is not None:
             return result
     fname = "logsumexp"
@@ -540,8 +540,8 @@ def logsumexp(a: Any, axis: AxisLike = None, *, keepdims: bool = False,
 
 def _backward(fname: str, grad: Any, y: Any, yname: str, axis: AxisLike, out: Any,
               where: Any) -> Any:
-    if type(axis) is int and axis == -1 and where is None:
-        result = _K.fast(_OPS[fname], y, False, out, grad)
+    if type(axis) is int and where is None:
+        result = _K.fast(_OPS[fname], y, False, out, grad, axis)
         if result is not None:
             return result
     g = _array(grad, fname, "grad")
@@ -667,9 +667,8 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     >>> cylsm.logsumexp_backward(1.0, [0.0, 0.0])
     array([0.5, 0.5])
     """
-    if (axis is None or type(axis) is int and axis == -1) and not keepdims and b is None \
-            and where is None:
-        result = _K.fast(_LOGSUMEXP_BACKWARD, x, axis is None, out, grad)
+    if (axis is None or type(axis) is int) and not keepdims and b is None and where is None:
+        result = _K.fast(_LOGSUMEXP_BACKWARD, x, axis is None, out, grad, axis)
         if result is not None:
             return result
     fname = "logsumexp_backward"

@@ -27,7 +27,7 @@ OPS = {"log_softmax": 0, "softmax": 1, "logsumexp": 2, "logsumexp_backward": 3,
 
 
 def fast(op: int, x: np.ndarray, all_axes: bool = False, out: np.ndarray | None = None,
-         g: np.ndarray | None = None) -> None:
+         g: np.ndarray | None = None, axis: int = -1) -> None:
     """The compiled backends' shortcut for the common call; this backend always declines."""
     return None
 

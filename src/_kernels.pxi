@@ -1596,8 +1596,9 @@ cdef void run_op(int op, const floating* x, const floating* g, floating* out,
         run(OP_SOFTMAX_BACKWARD, x, g, out, outer, n, inner)
 
 
-def fast(int op, x, bint all_axes=False, out=None, g=None):
-    """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array).
+def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
+    """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array),
+    over all axes (all_axes) or the last one (``axis``, an int: -1 or x.ndim - 1).
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
     upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
     the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
@@ -1624,7 +1625,8 @@ def fast(int op, x, bint all_axes=False, out=None, g=None):
     try:
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
         if (bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d")
-                or not PyBuffer_IsContiguous(&bx, b"C")):
+                or not PyBuffer_IsContiguous(&bx, b"C")
+                or not all_axes and axis != -1 and axis != bx.ndim - 1):
             return None
         if backward or lse_backward:
             try:
