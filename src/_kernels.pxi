@@ -1539,7 +1539,6 @@ OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOG
        "log_softmax_backward": OP_LOG_SOFTMAX_BACKWARD, "softmax_backward": OP_SOFTMAX_BACKWARD,
        "logsumexp_backward": OP_LOGSUMEXP_BACKWARD}
 _empty = numpy.empty
-_empty_like = numpy.empty_like
 _ndarray = numpy.ndarray
 
 
@@ -1643,8 +1642,8 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
         if out is None and op == OP_LOGSUMEXP:     # (x.shape[:-1] costs 150 ns: a new tuple
             result = _empty(() if all_axes or bx.ndim == 1 else      # and its slice)
                             (bx.shape[0],) if bx.ndim == 2 else x.shape[:-1], x.dtype)
-        elif out is None:
-            result = _empty_like(x)
+        elif out is None:           # (empty_like costs 100 ns more)
+            result = _empty((bx.shape[0], bx.shape[1]) if bx.ndim == 2 else x.shape, x.dtype)
         try:
             PyObject_GetBuffer(result, &bo, PyBUF_STRIDES | PyBUF_FORMAT)
         except ValueError:
