@@ -1563,13 +1563,14 @@ cdef bint touch(Py_buffer* a, Py_buffer* b) noexcept:
     return <char*>a.buf < <char*>b.buf + b.len and <char*>b.buf < <char*>a.buf + a.len
 
 
-cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes) noexcept:
-    """Is r shaped (and typed) as x reduced over its last axis, or over all of it?"""
+cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes, bint first) noexcept:
+    """Is r shaped (and typed) as x reduced over its last axis (first: its first one), or over
+    all of it?"""
     cdef Py_ssize_t i
     if r.format[0] != x.format[0] or r.format[1] != 0 or r.ndim != (0 if all_axes else x.ndim - 1):
         return False
     for i in range(r.ndim):
-        if r.shape[i] != x.shape[i]:
+        if r.shape[i] != x.shape[i + first]:
             return False
     return True
 
@@ -1597,19 +1598,21 @@ cdef void run_op(int op, const floating* x, const floating* g, floating* out,
 
 def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array),
-    over all axes (all_axes) or the last one (``axis``, an int: -1 or x.ndim - 1).
+    over all axes (all_axes), the last one or the first one (``axis``, an int: -1 or
+    x.ndim - 1; 0 or -x.ndim for x of 2 or more dimensions: columns).
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
     upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
     the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
-    shortcut does not apply: x, g or out not an ndarray or not C-contiguous, x not native
+    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous, x not native
     float32/float64 with at least one element, g or out not of the expected shape and format,
     out read-only, or out overlapping an input without being it (the caller then takes the
     general path, which handles all of these).  Tiny arrays keep the GIL: releasing it costs
     more than their work."""
     cdef Py_buffer bx, bo, bg
-    cdef Py_ssize_t n, rows
+    cdef Py_ssize_t n, rows, inner = 1
     cdef char kind
     cdef bint ok
+    cdef bint first = False         # reduced over axis 0 (outer 1): the column kernels
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint lse_backward = op == OP_LOGSUMEXP_BACKWARD
     cdef bint have_g = False
@@ -1624,9 +1627,12 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     try:
         kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
         if (bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d")
-                or not PyBuffer_IsContiguous(&bx, b"C")
-                or not all_axes and axis != -1 and axis != bx.ndim - 1):
+                or not PyBuffer_IsContiguous(&bx, b"C")):
             return None
+        if not all_axes and axis != -1 and axis != bx.ndim - 1:
+            if bx.ndim < 2 or axis != 0 and axis != -bx.ndim:
+                return None
+            first = True
         if backward or lse_backward:
             try:
                 PyObject_GetBuffer(g, &bg, PyBUF_STRIDES | PyBUF_FORMAT)
@@ -1634,14 +1640,17 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
                 return None
             have_g = True
             if not (PyBuffer_IsContiguous(&bg, b"C") and
-                    (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes))):
+                    (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes, first))):
                 return None
-        n = bx.len // bx.itemsize if all_axes else bx.shape[bx.ndim - 1]
+        n = bx.len // bx.itemsize if all_axes else bx.shape[0 if first else bx.ndim - 1]
         rows = bx.len // bx.itemsize // n
+        if first:                   # one block of rows x inner columns
+            rows, inner = 1, rows
         result = out
         if out is None and op == OP_LOGSUMEXP:     # (x.shape[:-1] costs 150 ns: a new tuple
             result = _empty(() if all_axes or bx.ndim == 1 else      # and its slice)
-                            (bx.shape[0],) if bx.ndim == 2 else x.shape[:-1], x.dtype)
+                            (bx.shape[1 if first else 0],) if bx.ndim == 2 else
+                            x.shape[1:] if first else x.shape[:-1], x.dtype)
         elif out is None:           # (empty_like costs 100 ns more)
             result = _empty((bx.shape[0], bx.shape[1]) if bx.ndim == 2 else x.shape, x.dtype)
         try:
@@ -1653,14 +1662,22 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
                 if bo.readonly or not PyBuffer_IsContiguous(&bo, b"C"):
                     return None
                 if op == OP_LOGSUMEXP:
-                    ok = reduces(&bo, &bx, all_axes) and not touch(&bo, &bx)
+                    ok = reduces(&bo, &bx, all_axes, first) and not touch(&bo, &bx)
                 else:
                     ok = same_layout(&bx, &bo) and not overlap(&bo, &bx)
                     ok = ok and not (backward and overlap(&bo, &bg))
                     ok = ok and not (lse_backward and touch(&bo, &bg))
                 if not ok:          # the general path validates, and copies on overlap
                     return None
-            if bx.len <= GIL_BYTES and kind == b"f":
+            if first:       # (calls apart: a variable inner in the others cost float64
+                with nogil: # logsumexp_backward over rows 3%)
+                    if kind == b"f":
+                        run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
+                               1, n, inner)
+                    else:
+                        run_op(op, <const double*>bx.buf, <const double*>bg.buf,
+                               <double*>bo.buf, 1, n, inner)
+            elif bx.len <= GIL_BYTES and kind == b"f":
                 run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n,
                        1)
             elif bx.len <= GIL_BYTES:

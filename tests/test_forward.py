@@ -634,17 +634,18 @@ def test_one_dimensional_logsumexp_over_last_axis_is_a_scalar(lsm, dtype):
         assert type(r) is dtype and r == 0
 
 
-def test_last_axis_by_its_number_takes_the_shortcut(lsm, monkeypatch):
-    """axis=x.ndim - 1 is the last axis as much as -1 is: compiled backends take their
-    shortcut for it (the general path cost 20x more on small arrays), with the same results;
-    so does logsumexp with keepdims=True; other axes, and an axis out of range, still take the
-    general path and its checks."""
+def test_first_and_last_axis_take_the_shortcut(lsm, monkeypatch):
+    """A C-contiguous array reduced over its last axis (-1 or ndim - 1) or its first (0 or
+    -ndim: columns) takes the compiled backends' shortcut (the general path cost 10-20x more
+    on small arrays), logsumexp with keepdims=True too; the results are the general path's,
+    bit for bit (a NumPy integer axis takes that path).  Other axes, and an axis out of range,
+    still take the general path and its checks."""
     from cylsm import _api
 
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, 4, 5))
     g = rng.standard_normal((3, 4, 5))
-    g2 = rng.standard_normal((3, 4))
+    grads = {2: rng.standard_normal((3, 4)), 0: rng.standard_normal((4, 5))}
     calls = {
         "log_softmax": lambda ax: lsm.log_softmax(x, axis=ax),
         "softmax": lambda ax: lsm.softmax(x, axis=ax, out=np.empty_like(x)),
@@ -652,9 +653,9 @@ def test_last_axis_by_its_number_takes_the_shortcut(lsm, monkeypatch):
         "logsumexp keepdims": lambda ax: lsm.logsumexp(x, axis=ax, keepdims=True),
         "log_softmax_backward": lambda ax: lsm.log_softmax_backward(g, x, axis=ax),
         "softmax_backward": lambda ax: lsm.softmax_backward(g, x, axis=ax),
-        "logsumexp_backward": lambda ax: lsm.logsumexp_backward(g2, x, axis=ax),
+        "logsumexp_backward": lambda ax: lsm.logsumexp_backward(grads[int(ax) % 3], x, axis=ax),
     }
-    expected = {name: f(-1) for name, f in calls.items()}
+    expected = {(name, ax): f(np.int64(ax)) for name, f in calls.items() for ax in (2, 0)}
     general = []
     K = _api._K                         # this test's backend (undo() below forgets it)
     if K is not _api._python:           # the general path's kernels must not be reached
@@ -662,17 +663,18 @@ def test_last_axis_by_its_number_takes_the_shortcut(lsm, monkeypatch):
             if hasattr(K, name):
                 monkeypatch.setattr(K, name, lambda *a, _n=name: general.append(_n))
     for name, f in calls.items():
-        assert_array_equal(f(2), expected[name], err_msg=name)
+        for ax, same in ((2, 2), (-1, 2), (0, 0), (-3, 0)):
+            assert_array_equal(f(ax), expected[name, same], err_msg=f"{name} axis={ax}")
+            assert np.shape(f(ax)) == np.shape(expected[name, same])
     assert general == []
-    assert expected["logsumexp keepdims"].shape == (3, 4, 1)
-    assert lsm.logsumexp(x, keepdims=True).shape == (1, 1, 1)
     monkeypatch.undo()
     monkeypatch.setattr(_api, "_K", K)
-    for name, f in calls.items():      # the general path: a NumPy integer, or out of range
-        assert_array_equal(f(np.int64(2)), expected[name], err_msg=name)
+    assert expected["logsumexp keepdims", 2].shape == (3, 4, 1)
+    assert expected["logsumexp keepdims", 0].shape == (1, 4, 5)
+    for name, f in calls.items():       # out of range: the general path's AxisError
         with pytest.raises(_api.AxisError):
             f(3)
-    assert lsm.logsumexp(x, axis=1).shape == (3, 5)             # not the last axis
+    assert lsm.logsumexp(x, axis=1).shape == (3, 5)             # a middle axis
 
 
 @pytest.mark.parametrize("name", ["log_softmax", "softmax"])
