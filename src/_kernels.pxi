@@ -1603,11 +1603,11 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
     upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
     the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
-    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous, x not native
-    float32/float64 with at least one element, g or out not of the expected shape and format,
-    out read-only, or out overlapping an input without being it (the caller then takes the
-    general path, which handles all of these).  Tiny arrays keep the GIL: releasing it costs
-    more than their work."""
+    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous, x
+    not native float32/float64 with at least one element, g or out not of the expected shape
+    and format, out read-only, or out overlapping an input without being it (the caller then
+    takes the general path, which handles all of these).  Tiny arrays over rows keep the GIL:
+    releasing it costs more than their work."""
     cdef Py_buffer bx, bo, bg
     cdef Py_ssize_t n, rows, inner = 1
     cdef char kind
