@@ -1130,14 +1130,12 @@ def test_return_sign_of_a_result_far_below_zero(lsm):
 
 def test_python_scalars_take_the_arrays_dtype(lsm):
     """A Python float, int or bool grad or b is a "weak" scalar (NEP 50): it leaves a float32
-    result float32, as ``x * 2.0`` and scipy's ``logsumexp(x, b=2.0)`` do; a NumPy scalar or
-    0-d array is not (test_result_dtype_by_dtype_not_value)."""
-    import scipy.special
-
+    result float32, as ``x * 2.0`` and scipy 1.17's ``logsumexp(x, b=2.0)`` do (older scipy
+    releases return float64 there); a NumPy scalar or 0-d array is not
+    (test_result_dtype_by_dtype_not_value)."""
     x = np.array([0.5, -1.0, 2.0], np.float32)
     for w in (2.0, 2, True):
         assert np.asarray(lsm.logsumexp(x, b=w)).dtype == np.float32
-        assert np.asarray(scipy.special.logsumexp(x, b=w)).dtype == np.float32
         assert lsm.logsumexp_backward(w, x).dtype == np.float32
         assert lsm.logsumexp_backward(w, x, b=w).dtype == np.float32
         assert lsm.log_softmax_backward(w, np.float32(-0.5)).dtype == np.float32
