@@ -85,6 +85,8 @@ def _kernels(cdt: np.dtype) -> ModuleType:
 def _axes(axis: AxisLike, ndim: int, fname: str) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
+    if type(axis) is int and -ndim <= axis < ndim:      # the common case, at once
+        return (axis % ndim,)
     items = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     result = []
     for a in items:
@@ -202,7 +204,7 @@ class _Layout:
         self.n = math.prod(pshape[a0:a1])
         self.inner = math.prod(pshape[a1:])
         self.pshape = pshape
-        self.reduced_pshape = [1 if i in range(a0, a1) else s for i, s in enumerate(pshape)]
+        self.reduced_pshape = [1 if a0 <= i < a1 else s for i, s in enumerate(pshape)]
 
     def fits(self, a: np.ndarray) -> bool:
         return bool(a.flags.aligned and a.transpose(self.perm).flags.c_contiguous)
@@ -420,6 +422,8 @@ def softmax(x: Any, axis: AxisLike = -1, *, out: np.ndarray | None = None,
 
 
 def _broadcast(fname: str, x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if x.shape == b.shape:                  # (broadcast_shapes and broadcast_to: 10 us)
+        return x, b
     try:
         shape = np.broadcast_shapes(x.shape, b.shape)
     except ValueError:
@@ -695,9 +699,9 @@ def logsumexp_backward(grad: Any, x: Any, axis: AxisLike = None, *, keepdims: bo
     mask = _mask(where, xv.shape, fname)
     bv: np.ndarray | None = None
     if ba is not None:          # cast before broadcasting: a broadcast b is never copied
+        bc = _aligned(_cast(ba.reshape(1) if ba.ndim == 0 else ba, cdt))
         try:
-            bv = np.broadcast_to(_aligned(_cast(ba.reshape(1) if ba.ndim == 0 else ba, cdt)),
-                                 xv.shape)
+            bv = bc if bc.shape == xv.shape else np.broadcast_to(bc, xv.shape)
         except ValueError:
             raise ValueError(
                 f"cylsm.{fname}: b has shape {ba.shape}, which does not broadcast to x of shape "
