@@ -149,6 +149,23 @@ cdef inline double log_softmax_grad(floating g, floating y, double G) noexcept n
     return g - exp_wide(y) * G
 
 
+cdef inline bint softmax_grad_float_ok(double M) noexcept nogil:
+    """Whether softmax_backward's output for a line whose sum(g * p) is M may be formed in
+    float (softmax_grad_float): |M| < 2^100.  Then neither difference there can overflow (g's
+    largest float minus M rounds to at most FLT_MAX); inf and NaN sums stay in double."""
+    return fabs(M) < 1.2676506002282294e30     # 2^100
+
+
+cdef inline float softmax_grad_float(float p, float g, float Mh, float Ml) noexcept nogil:
+    """softmax_backward's output p * (g - M) in float, M = Mh + Ml being the line's sum(g * p)
+    split into two floats: where g and M cancel, g - Mh is exact (Sterbenz), so the cancellation
+    costs nothing (a single float for M would be off by 2^-24 of M there, see
+    test_softmax_backward_cancellation); elsewhere each of the three roundings is relative to
+    the result.  At most 1.5 ulp (against half an ulp in double, which converts every element:
+    1.5-2x the time of these loops) and 2^-24 * 1.5 of p * (|g| + sum|g * p|)."""
+    return p * ((g - Mh) - Ml)
+
+
 cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
     """exp((a - b) - c) for a <= b and c >= 0, both differences formed exactly."""
     cdef double lo1, lo2
@@ -1138,6 +1155,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
+    cdef float Mh, Ml
     if op == OP_LOG_SOFTMAX:
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
@@ -1151,7 +1169,14 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
                 return
         for i in range(n):
             out[i] = <floating>log_softmax_grad(g[i], x[i], M)
-    elif op == OP_SOFTMAX_BACKWARD:     # in double: half an ulp, against 1.3 in float
+    elif op == OP_SOFTMAX_BACKWARD:
+        if floating is float:
+            if softmax_grad_float_ok(M):
+                Mh = <float>M
+                Ml = <float>(M - Mh)
+                for i in range(n):
+                    out[i] = softmax_grad_float(x[i], g[i], Mh, Ml)
+                return
         for i in range(n):
             out[i] = <floating>(x[i] * (g[i] - M))
     else:
@@ -1439,6 +1464,44 @@ cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, flo
     return True
 
 
+cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* out,
+                                         Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
+                                         const double* tot) noexcept nogil:
+    """softmax_grad_float for the w <= JB columns of a panel (s apart; tot their sums of
+    g * p), decided column by column, so that a column's result depends on it alone: the
+    columns that may be formed in float are, and the others (rare: a sum that is not finite or
+    beyond 2^100) in double, one by one, after the float pass, which leaves them as they were
+    (out may be g or p).  Whether all were done (False: none was, the caller does the panel in
+    double)."""
+    cdef Py_ssize_t i, j
+    cdef float Mh[JB]
+    cdef float Ml[JB]
+    cdef int32_t ok[JB]
+    cdef int32_t nbad = 0
+    cdef float v
+    for j in range(w):
+        ok[j] = softmax_grad_float_ok(tot[j])
+        Mh[j] = <float>tot[j] if ok[j] else 0.0
+        Ml[j] = <float>(tot[j] - Mh[j]) if ok[j] else 0.0
+        nbad += not ok[j]
+    if nbad == w:
+        return False
+    if nbad == 0:
+        for i in range(n):
+            for j in range(w):
+                out[i * s + j] = softmax_grad_float(p[i * s + j], g[i * s + j], Mh[j], Ml[j])
+        return True
+    for i in range(n):
+        for j in range(w):
+            v = softmax_grad_float(p[i * s + j], g[i * s + j], Mh[j], Ml[j])
+            out[i * s + j] = v if ok[j] else out[i * s + j]
+    for j in range(w):
+        if not ok[j]:
+            for i in range(n):
+                out[i * s + j] = <float>(p[i * s + j] * (g[i * s + j] - tot[j]))
+    return True
+
+
 cdef inline void panel_grad_output(int op, const floating* g, const floating* q, floating* out,
                                    Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
                                    const double* tot) noexcept nogil:
@@ -1449,6 +1512,9 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
     cdef floating* orow
     if floating is float and op == OP_LOG_SOFTMAX_BACKWARD and CYLSM_FMA:
         if log_softmax_grad_float_cols(g, q, out, n, w, s, tot):
+            return
+    if floating is float and op == OP_SOFTMAX_BACKWARD:
+        if softmax_grad_float_cols(g, q, out, n, w, s, tot):
             return
     for i in range(n):
         gr = g + i * s
