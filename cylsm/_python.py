@@ -72,9 +72,17 @@ def _sum(a: np.ndarray) -> np.ndarray:
     along, so that the result is as good as in twice the precision, whatever NumPy's own
     summation does (NumPy 1.25 summed 254 equal terms 4.8 ulp off in log_softmax).  Where the
     plain sum is inf or NaN, that is the result."""
+    s, c = _sum_parts(a)
+    with np.errstate(all="ignore"):
+        return np.where(np.isfinite(s), s + c, s)
+
+
+def _sum_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_sum's plain pairwise sum and its carried rounding errors, apart."""
     s = np.moveaxis(a, 1, -1)
     if s.shape[-1] == 0:
-        return np.zeros(a.shape[:1] + (1,) + a.shape[2:], a.dtype)
+        zero = np.zeros(a.shape[:1] + (1,) + a.shape[2:], a.dtype)
+        return zero, zero
     c = np.zeros_like(s)
     with np.errstate(all="ignore"):
         while s.shape[-1] > 1:
@@ -85,8 +93,30 @@ def _sum(a: np.ndarray) -> np.ndarray:
             s = h1 + h2
             bb = s - h1
             c = (c[..., 0::2] + c[..., 1::2]) + ((h1 - (s - bb)) + (h2 - bb))
-        total = np.where(np.isfinite(s), s + c, s)
-    return total[..., 0][:, None, :]
+    return s[..., 0][:, None, :], c[..., 0][:, None, :]
+
+
+def _two_prod(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a * b and its rounding error, a * b == h + e exactly (Dekker: a and b split in halves of
+    26 bits, whose products are exact; NumPy does not fuse multiply-adds).  float64 only; e is
+    NaN for |a| or |b| >= 2^996."""
+    h = a * b
+    ca, cb = 134217729.0 * a, 134217729.0 * b       # 2^27 + 1
+    ah, bh = ca - (ca - a), cb - (cb - b)
+    al, bl = a - ah, b - bh
+    return h, ((ah * bh - h) + ah * bl + al * bh) + al * bl
+
+
+def _dot2(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum(a * b) over axis 1 (keepdims) in twice the precision, as the compiled kernels'
+    dot2_add: the rounded sum and what it leaves out; where that is not finite, the plain sum
+    and 0 (float64 softmax_backward: p * (g - sum) where g is close to the sum)."""
+    h, e = _two_prod(a, b)
+    s, c = _sum_parts(h)
+    c = c + _sum(e)
+    d = s + c
+    ok = np.isfinite(c)
+    return np.where(ok, d, s), np.where(ok & np.isfinite(d), c - (d - s), 0)
 
 
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -167,8 +197,13 @@ def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray,
                      where: np.ndarray | None = None) -> None:
     gc, pc = _compute(g), _compute(p)
     with np.errstate(all="ignore"):
-        D = _sum(gc * pc if where is None else np.where(where != 0, gc * pc, 0))
-        res = pc * (gc - D)
+        gm, pm = (gc, pc) if where is None else (np.where(where != 0, gc, 0),
+                                                 np.where(where != 0, pc, 0))
+        if gc.dtype == np.float64 and g.dtype == np.float64:    # (float32: exact products)
+            D, Dl = _dot2(gm, pm)
+            res = pc * ((gc - D) - Dl)
+        else:
+            res = pc * (gc - _sum(gm * pm))
         _put(out, res, where, 0.0)
 
 

@@ -42,6 +42,7 @@ import numpy
 cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp(double x) noexcept
     double cylsm_two_diff(double a, double b, double* lo) noexcept
+    double cylsm_two_prod(double a, double b, double* lo) noexcept
     double cylsm_expf_wide(float x) noexcept
     double cylsm_exp_nonpos(double x, double lo) noexcept
     float cylsm_expf_nonpos_scaled(float x, float lo) noexcept
@@ -161,8 +162,10 @@ cdef inline float softmax_grad_float(float p, float g, float Mh, float Ml) noexc
     split into two floats: where g and M cancel, g - Mh is exact (Sterbenz), so the cancellation
     costs nothing (a single float for M would be off by 2^-24 of M there, see
     test_softmax_backward_cancellation); elsewhere each of the three roundings is relative to
-    the result.  At most 1.5 ulp (against half an ulp in double, which converts every element:
-    1.5-2x the time of these loops) and 2^-24 * 1.5 of p * (|g| + sum|g * p|)."""
+    the result.  At most 2.5 ulp of the result (two roundings of at most one ulp each, the
+    product's half; against half an ulp in double, which converts every element: 1.3-1.4x the
+    time of these loops), and at most 3 units of 2^-24 of p * (|g| + sum|g * p|) (measured:
+    2.5, against 3.6 for the plain float formula that torch and jax evaluate)."""
     return p * ((g - Mh) - Ml)
 
 
@@ -319,6 +322,30 @@ cdef inline void two_sum_add(double* total, double* comp, double v) noexcept nog
     total[0] = s
 
 
+cdef inline void dot2_add(double* hi, double* lo, double a, double b) noexcept nogil:
+    """hi + lo += a * b, the product split exactly (cylsm_two_prod), its rounded part added to
+    hi by TwoSum and both errors gathered in lo: a sum of products as if in twice the precision
+    (Ogita, Rump and Oishi's Dot2).  float64 softmax_backward's sum(g * p): where some g is
+    close to it, p * (g - sum) has few correct bits unless the sum has more than a double's."""
+    cdef double e
+    cdef double h = cylsm_two_prod(a, b, &e)
+    cdef double t = hi[0] + h
+    cdef double bb = t - hi[0]
+    lo[0] += ((hi[0] - (t - bb)) + (h - bb)) + e
+    hi[0] = t
+
+
+cdef inline double split_sum(double t, double c, double* lo) noexcept nogil:
+    """t + c (a compensated sum) rounded, and in lo what that leaves out.  Where c is not finite
+    (t is inf or NaN, or an error term was: see cylsm_two_prod), t alone, lo 0: the plain sum."""
+    cdef double m = t + c
+    if not (-INFINITY < c < INFINITY):
+        lo[0] = 0.0
+        return t
+    lo[0] = c - (m - t) if -INFINITY < m < INFINITY else 0.0
+    return m
+
+
 cdef inline void panel_max(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_ssize_t s,
                            floating* m, double* ones) noexcept nogil:
     """OUT m[j]: max over k < K of p[k*s + j], NaN ignored (-inf if nothing is greater);
@@ -440,13 +467,24 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
 
 cdef inline void panel_sum(const floating* g, const floating* q, Py_ssize_t K, Py_ssize_t w,
                     Py_ssize_t s, double* tot, double* part, double* comp) noexcept nogil:
-    """OUT tot[j] = sum over k < K of g[k*s + j] * q[k*s + j] (of g alone when q is NULL)."""
+    """OUT tot[j] = sum over k < K of g[k*s + j] * q[k*s + j] (of g alone when q is NULL),
+    OUT comp[j] what that rounded sum leaves out: for double data and q, the sum in twice the
+    precision (dot2_add), split by split_sum; else 0."""
     cdef Py_ssize_t k, k0, k1, j
     cdef const floating* grow
     cdef const floating* qrow
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
+    if floating is double and q != NULL:
+        for k in range(K):
+            grow = g + k * s
+            qrow = q + k * s
+            for j in range(w):
+                dot2_add(&tot[j], &comp[j], grow[j], qrow[j])
+        for j in range(w):
+            tot[j] = split_sum(tot[j], comp[j], &comp[j])
+        return
     k0 = 0
     while k0 < K:
         k1 = k0 + KC if k0 + KC < K else K
@@ -468,6 +506,7 @@ cdef inline void panel_sum(const floating* g, const floating* q, Py_ssize_t K, P
         k0 = k1
     for j in range(w):
         tot[j] += comp[j]
+        comp[j] = 0.0
 
 
 cdef double nonfinite_stats(const floating* p, Py_ssize_t n, Py_ssize_t s, double* S) noexcept nogil:
@@ -1152,7 +1191,8 @@ cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_
 cdef inline void row_output(int op, const floating* x, const floating* g, floating* out,
                             Py_ssize_t n, double M, double L, double S) noexcept nogil:
     """The output of op for a row of n whose statistics are M, L, S.  For the backward ops of
-    log_softmax and softmax, x is the forward output, g the row's gradient and M its sum."""
+    log_softmax and softmax, x is the forward output, g the row's gradient and M its sum
+    (softmax: of g * x; M + L, L being what the rounded M leaves out: see row_sum)."""
     cdef double gr, R = 1.0 / S
     cdef Py_ssize_t i
     cdef float Mh, Ml
@@ -1178,7 +1218,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
                     out[i] = softmax_grad_float(x[i], g[i], Mh, Ml)
                 return
         for i in range(n):
-            out[i] = <floating>(x[i] * (g[i] - M))
+            out[i] = <floating>(x[i] * ((g[i] - M) - L))
     else:
         gr = g[0]
         if M == -INFINITY:      # logsumexp is -inf: the gradient is exactly 0
@@ -1353,45 +1393,103 @@ cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n)
     return t
 
 
-cdef double super_rsum(const floating* g, const floating* q, Py_ssize_t n) noexcept nogil:
+cdef inline double block_dot2(const floating* g, const floating* q, Py_ssize_t n,
+                              double* lo) noexcept nogil:
+    """block_sum of g * q for double data in twice the precision (dot2_add) in W lanes: the
+    sum's high part, and its low part added to lo."""
+    cdef double hi_[W]
+    cdef double lo_[W]
+    cdef Py_ssize_t b, j, i, nb = n // W
+    cdef double t = 0.0
+    if nb == 0:
+        for i in range(n):
+            dot2_add(&t, &lo[0], g[i], q[i])
+        return t
+    for j in range(W):      # the first W products start the lanes (zeroing them took a fifth
+        hi_[j] = cylsm_two_prod(g[j], q[j], &lo_[j])    # of the time on rows of 32)
+    for b in range(1, nb):
+        for j in range(W):
+            dot2_add(&hi_[j], &lo_[j], g[b * W + j], q[b * W + j])
+    fold_two_sums(hi_, lo_, W // 2)    # the lanes added pairwise: a short chain, for short rows
+    fold_two_sums(hi_, lo_, W // 4)
+    fold_two_sums(hi_, lo_, W // 8)
+    fold_two_sums(hi_, lo_, W // 16)
+    for i in range(nb * W, n):
+        dot2_add(&hi_[0], &lo_[0], g[i], q[i])
+    lo[0] += lo_[0]
+    return hi_[0]
+
+
+cdef inline void fold_two_sums(double* hi, double* lo, Py_ssize_t h) noexcept nogil:
+    """hi[j] + lo[j] += hi[j + h] + lo[j + h] for j < h, the addition of the hi by TwoSum."""
+    cdef Py_ssize_t j
+    cdef double t, bb
+    for j in range(h):
+        t = hi[j] + hi[j + h]
+        bb = t - hi[j]
+        lo[j] += lo[j + h] + ((hi[j] - (t - bb)) + (hi[j + h] - bb))
+        hi[j] = t
+
+
+cdef double super_rsum(const floating* g, const floating* q, Py_ssize_t n,
+                       double* lo) noexcept nogil:
     """The sum of g (times q when q is not NULL) over n <= SUPER elements: blocks of BLOCK
-    summed in lanes, the blocks added with TwoSum."""
+    summed in lanes, the blocks added with TwoSum.  For double data and q, the sum in twice
+    the precision (block_dot2): its high part, the low part in lo; else the sum, lo 0."""
     cdef Py_ssize_t b = 0, bn
     cdef double t = 0.0, c = 0.0
+    cdef bint dot2 = floating is double and q != NULL
     while b < n:
         bn = BLOCK if n - b > BLOCK else n - b
-        two_sum_add(&t, &c, block_sum(g + b, <const floating*>NULL if q == NULL else q + b, bn))
+        if dot2:
+            two_sum_add(&t, &c, block_dot2(g + b, q + b, bn, &c))
+        else:
+            two_sum_add(&t, &c, block_sum(g + b, <const floating*>NULL if q == NULL else
+                                          q + b, bn))
         b += BLOCK
-    return t + c
+    lo[0] = c if dot2 else 0.0
+    return t if dot2 else t + c
 
 
-cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt) noexcept nogil:
+cdef double row_sum(const floating* g, const floating* q, Py_ssize_t n, int nt,
+                    double* lo) noexcept nogil:
     """The sum of g (times q when q is not NULL) over a row: superblocks of SUPER summed by
     super_rsum (by nt threads), their sums added in order with TwoSum, so that the result
-    does not depend on nt."""
+    does not depend on nt.  OUT lo: what the rounded sum leaves out (see super_rsum: 0 but
+    for double data and q)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k
-    cdef double t = 0.0, c = 0.0
+    cdef double t = 0.0, c = 0.0, h, l = 0.0
     cdef double* part = NULL
     if nt > 1 and ns > 1:
-        part = <double*>malloc(ns * sizeof(double))     # NULL: serial, the same result
+        part = <double*>malloc(2 * ns * sizeof(double))     # NULL: serial, the same result
     if part != NULL:
         for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
             part[k] = super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
-                                 q + k * SUPER, super_len(n, k))
+                                 q + k * SUPER, super_len(n, k), &part[ns + k])
     for k in range(ns):
-        two_sum_add(&t, &c, part[k] if part != NULL else
-                    super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else
-                               q + k * SUPER, super_len(n, k)))
+        if part != NULL:
+            h = part[k]
+            l = part[ns + k]
+        else:
+            h = super_rsum(g + k * SUPER, <const floating*>NULL if q == NULL else q + k * SUPER,
+                           super_len(n, k), &l)
+        two_sum_add(&t, &c, h)
+        if floating is double and q != NULL:
+            c += l
     free(part)
+    if floating is double and q != NULL:
+        return split_sum(t, c, lo)
+    lo[0] = 0.0
     return t + c
 
 
 cdef void backward_row(int op, const floating* g, const floating* q, floating* out,
                        Py_ssize_t n, int nt) noexcept nogil:
     """One row of a log_softmax/softmax backward op, by nt threads (superblock by superblock)."""
+    cdef double Gl
     cdef double G = row_sum(g, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else q,
-                            n, nt)
-    row_outputs(op, q, g, out, n, G, 0.0, 1.0, nt)
+                            n, nt, &Gl)
+    row_outputs(op, q, g, out, n, G, Gl, 1.0, nt)
 
 
 cdef void backward_short_rows(int op, const floating* g, const floating* q, floating* out,
@@ -1399,11 +1497,17 @@ cdef void backward_short_rows(int op, const floating* g, const floating* q, floa
     """backward_row for R rows of n < SHORT elements, without its superblocks and threads (a
     row this short is part of one block)."""
     cdef Py_ssize_t r
-    cdef double G
+    cdef double G, Gl
     for r in range(R):
-        G = block_sum(g + r * n, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else
-                      q + r * n, n)
-        row_output(op, q + r * n, g + r * n, out + r * n, n, G, 0.0, 1.0)
+        if floating is double and op == OP_SOFTMAX_BACKWARD:
+            Gl = 0.0
+            G = block_dot2(g + r * n, q + r * n, n, &Gl)
+            G = split_sum(G, Gl, &Gl)
+        else:
+            G = block_sum(g + r * n, <const floating*>NULL if op == OP_LOG_SOFTMAX_BACKWARD else
+                          q + r * n, n)
+            Gl = 0.0
+        row_output(op, q + r * n, g + r * n, out + r * n, n, G, Gl, 1.0)
 
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
@@ -1416,10 +1520,10 @@ cdef void backward_cols(int op, const floating* g, const floating* q, floating* 
         q_sum = NULL
     if w == JB:     # a constant width, as in col_stats
         panel_sum(g, q_sum, n, JB, s, tot, part, comp)
-        panel_grad_output(op, g, q, out, n, JB, s, tot)
+        panel_grad_output(op, g, q, out, n, JB, s, tot, comp)
     else:
         panel_sum(g, q_sum, n, w, s, tot, part, comp)
-        panel_grad_output(op, g, q, out, n, w, s, tot)
+        panel_grad_output(op, g, q, out, n, w, s, tot, comp)
 
 
 cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, float* out,
@@ -1504,8 +1608,9 @@ cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* 
 
 cdef inline void panel_grad_output(int op, const floating* g, const floating* q, floating* out,
                                    Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                                   const double* tot) noexcept nogil:
-    """The output pass of backward_cols, tot holding the column sums."""
+                                   const double* tot, const double* lo) noexcept nogil:
+    """The output pass of backward_cols, tot holding the column sums (lo: what they leave
+    out, see panel_sum)."""
     cdef Py_ssize_t i, j
     cdef const floating* gr
     cdef const floating* qr
@@ -1525,7 +1630,7 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
                 orow[j] = <floating>log_softmax_grad(gr[j], qr[j], tot[j])
         else:
             for j in range(w):
-                orow[j] = <floating>(qr[j] * (gr[j] - tot[j]))
+                orow[j] = <floating>(qr[j] * ((gr[j] - tot[j]) - lo[j]))
 
 
 cdef inline Py_ssize_t n_tasks(Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner,
@@ -2373,8 +2478,9 @@ cdef void masked_backward_row(int op, const floating* g, const floating* q, floa
     cdef floating gb[CHUNK]
     cdef floating qb[CHUNK]
     cdef Py_ssize_t c, cm, i
-    cdef double t = 0.0, cc = 0.0, G, v
+    cdef double t = 0.0, cc = 0.0, G, Gl = 0.0, v
     cdef bint lsm = op == OP_LOG_SOFTMAX_BACKWARD
+    cdef bint dot2 = floating is double and not lsm     # see dot2_add
     if sw == 1:
         c = 0
         while c < n:
@@ -2382,25 +2488,31 @@ cdef void masked_backward_row(int op, const floating* g, const floating* q, floa
             for i in range(cm):
                 gb[i] = g[c + i] if w[c + i] != 0 else 0
                 qb[i] = q[c + i] if w[c + i] != 0 else 0
-            two_sum_add(&t, &cc, block_sum(gb, <const floating*>NULL if lsm else qb, cm))
+            if dot2:
+                two_sum_add(&t, &cc, block_dot2(gb, qb, cm, &cc))
+            else:
+                two_sum_add(&t, &cc, block_sum(gb, <const floating*>NULL if lsm else qb, cm))
             c += CHUNK
-        G = t + cc
+        G = split_sum(t, cc, &Gl) if dot2 else t + cc
         for i in range(n):      # as row_output's double loops (not a call of it: its inlining
             v = (log_softmax_grad(g[i], q[i], G) if lsm else    # into the unmasked kernels
-                 q[i] * (g[i] - G))                         # would change)
+                 q[i] * ((g[i] - G) - Gl))                  # would change)
             out[i] = <floating>v if w[i] != 0 else 0
         return
     for i in range(n):
         if w[i * sw] != 0:
-            two_sum_add(&t, &cc, g[i] if lsm else <double>g[i] * <double>q[i])
-    G = t + cc
+            if dot2:
+                dot2_add(&t, &cc, g[i], q[i])
+            else:
+                two_sum_add(&t, &cc, g[i] if lsm else <double>g[i] * <double>q[i])
+    G = split_sum(t, cc, &Gl) if dot2 else t + cc
     for i in range(n):
         if w[i * sw] == 0:
             out[i] = 0
         elif lsm:
             out[i] = <floating>log_softmax_grad(g[i], q[i], G)
         else:
-            out[i] = <floating>(q[i] * (g[i] - G))
+            out[i] = <floating>(q[i] * ((g[i] - G) - Gl))
 
 
 cdef void masked_backward_panel(int op, const floating* g, const floating* q, floating* out,
@@ -2415,24 +2527,35 @@ cdef void masked_backward_panel(int op, const floating* g, const floating* q, fl
     cdef Py_ssize_t i, j
     cdef double t, qv
     cdef bint lsm = op == OP_LOG_SOFTMAX_BACKWARD
+    cdef bint dot2 = floating is double and not lsm     # see dot2_add
     for j in range(cw):
         tot[j] = 0.0
         comp[j] = 0.0
     for i in range(n):          # (the loads are unconditional, for the vectorizer)
         for j in range(cw):
             keep[j] = w[i * ws1 + j * ws2]
-        for j in range(cw):
-            qv = q[i * s + j]
-            t = g[i * s + j] * (1.0 if lsm else qv)
-            two_sum_add(&tot[j], &comp[j], t if keep[j] != 0 else 0.0)
+        if dot2:
+            for j in range(cw):
+                dot2_add(&tot[j], &comp[j], g[i * s + j] if keep[j] != 0 else 0.0,
+                         q[i * s + j] if keep[j] != 0 else 0.0)
+        else:
+            for j in range(cw):
+                qv = q[i * s + j]
+                t = g[i * s + j] * (1.0 if lsm else qv)
+                two_sum_add(&tot[j], &comp[j], t if keep[j] != 0 else 0.0)
     for j in range(cw):
-        tot[j] += comp[j]
+        if dot2:
+            tot[j] = split_sum(tot[j], comp[j], &comp[j])
+        else:
+            tot[j] += comp[j]
+            comp[j] = 0.0
     for i in range(n):
         for j in range(cw):
             keep[j] = w[i * ws1 + j * ws2]
         for j in range(cw):
             qv = q[i * s + j]
-            t = log_softmax_grad(g[i * s + j], qv, tot[j]) if lsm else qv * (g[i * s + j] - tot[j])
+            t = (log_softmax_grad(g[i * s + j], qv, tot[j]) if lsm else
+                 qv * ((g[i * s + j] - tot[j]) - comp[j]))
             out[i * s + j] = <floating>t if keep[j] != 0 else 0
 
 

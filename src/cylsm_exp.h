@@ -324,4 +324,25 @@ static inline double cylsm_two_diff(double a, double b, double *lo)
     return s;
 }
 
+/* a * b, and in *lo its rounding error: a * b == result + *lo exactly, unless the product
+ * overflows or its error underflows (TwoProduct).  With a fused multiply-add, the error is one
+ * fma (the product's only other use is an addition's operand there, so the compiler cannot
+ * contract it into a fused multiply-add elsewhere); without, by Dekker's splitting of a and b
+ * in halves of 26 bits, whose products are exact (not for |a|, |b| >= 2^996: *lo is then NaN,
+ * which the caller checks). */
+static inline double cylsm_two_prod(double a, double b, double *lo)
+{
+    double h = a * b;
+#if CYLSM_FMA
+    *lo = fma(a, b, -h);
+#else
+    const double split = 134217729.0;                 /* 2^27 + 1 */
+    double ca = split * a, cb = split * b;
+    double ah = ca - (ca - a), bh = cb - (cb - b);
+    double al = a - ah, bl = b - bh;
+    *lo = ((ah * bh - h) + ah * bl + al * bh) + al * bl;
+#endif
+    return h;
+}
+
 #endif

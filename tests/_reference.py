@@ -181,6 +181,28 @@ def ref_softmax_backward(grad: Any, p: Any, axis: Any = -1, where: Any = None,
     return np.where(w, pm * (g - s), 0)
 
 
+def ref_softmax_backward_rows(grad: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """softmax_backward of float64 rows (the last axis of 2-D arrays), in long double, with
+    each row's sum(g * p) exact: long double's own sum is off by about 2^-64 of the terms, as
+    much as an ulp of p * (g - sum) where g is within 2^-11 of the sum, so it cannot tell
+    whether float64 results are within a few ulps there.  Each product is split exactly
+    (Dekker) and math.fsum gives the sum rounded and its remainder."""
+    assert grad.dtype == p.dtype == np.float64 and grad.ndim == 2
+    out = np.empty(grad.shape, LD)
+    split = 134217729.0     # 2^27 + 1
+    for r in range(grad.shape[0]):
+        a, b = p[r], grad[r]
+        h = a * b
+        ca, cb = split * a, split * b
+        ah, bh = ca - (ca - a), cb - (cb - b)
+        al, bl = a - ah, b - bh
+        terms = np.concatenate([h, ((ah * bh - h) + ah * bl + al * bh) + al * bl])
+        hi = math.fsum(terms)
+        lo = math.fsum(np.append(terms, -hi))
+        out[r] = a.astype(LD) * ((b.astype(LD) - LD(hi)) - LD(lo))
+    return out
+
+
 def ref_logsumexp_backward(grad: Any, x: Any, axis: Any = None, keepdims: bool = False,
                            b: Any = None, where: Any = None, hp: Any = None) -> np.ndarray:
     """grad * b * exp(x - lse), with x - lse formed as (x - max) - log(sum) in ``hp``."""
