@@ -326,10 +326,12 @@ static inline double cylsm_two_diff(double a, double b, double *lo)
 
 /* a * b, and in *lo its rounding error: a * b == result + *lo exactly, unless the product
  * overflows or its error underflows (TwoProduct).  With a fused multiply-add, the error is one
- * fma (the product's only other use is an addition's operand there, so the compiler cannot
- * contract it into a fused multiply-add elsewhere); without, by Dekker's splitting of a and b
- * in halves of 26 bits, whose products are exact (not for |a|, |b| >= 2^996: *lo is then NaN,
- * which the caller checks). */
+ * fma.  The product must stay a rounded product where the caller adds it (TwoSum): GCC fuses a
+ * product into an addition only when every use of it is an addition or subtraction, and its
+ * use in the fma is not (the v3 loop of block_dot2 has vmulpd, then vfmsub for the error, and
+ * adds h as it is; test_softmax_backward_float64_in_ulps would catch a fused one).  Without
+ * an fma: Dekker's splitting of a and b in halves of 26 bits, whose products are exact (not
+ * for |a|, |b| >= 2^996: *lo is then NaN, which the caller checks). */
 static inline double cylsm_two_prod(double a, double b, double *lo)
 {
     double h = a * b;
