@@ -199,7 +199,7 @@ def softmax_backward(g: np.ndarray, p: np.ndarray, out: np.ndarray,
     with np.errstate(all="ignore"):
         gm, pm = (gc, pc) if where is None else (np.where(where != 0, gc, 0),
                                                  np.where(where != 0, pc, 0))
-        if gc.dtype == np.float64 and g.dtype == np.float64:    # (float32: exact products)
+        if g.dtype == np.float64:       # (float32's products are exact in float64)
             D, Dl = _dot2(gm, pm)
             res = pc * ((gc - D) - Dl)
         else:

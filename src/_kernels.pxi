@@ -1574,15 +1574,14 @@ cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* 
     """softmax_grad_float for the w <= JB columns of a panel (s apart; tot their sums of
     g * p), decided column by column, so that a column's result depends on it alone: the
     columns that may be formed in float are, and the others (rare: a sum that is not finite or
-    beyond 2^100) in double, one by one, after the float pass, which leaves them as they were
-    (out may be g or p).  Whether all were done (False: none was, the caller does the panel in
-    double)."""
+    beyond 2^100) in double, element by element as read (out may be g or p).  Whether all were
+    done (False: none was, the caller does the panel in double)."""
     cdef Py_ssize_t i, j
     cdef float Mh[JB]
     cdef float Ml[JB]
     cdef int32_t ok[JB]
     cdef int32_t nbad = 0
-    cdef float v
+    cdef float v, pv, gv
     for j in range(w):
         ok[j] = softmax_grad_float_ok(tot[j])
         Mh[j] = <float>tot[j] if ok[j] else 0.0
@@ -1597,12 +1596,10 @@ cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* 
         return True
     for i in range(n):
         for j in range(w):
-            v = softmax_grad_float(p[i * s + j], g[i * s + j], Mh[j], Ml[j])
-            out[i * s + j] = v if ok[j] else out[i * s + j]
-    for j in range(w):
-        if not ok[j]:
-            for i in range(n):
-                out[i * s + j] = <float>(p[i * s + j] * (g[i * s + j] - tot[j]))
+            pv = p[i * s + j]
+            gv = g[i * s + j]
+            v = softmax_grad_float(pv, gv, Mh[j], Ml[j])
+            out[i * s + j] = v if ok[j] else <float>(pv * (gv - tot[j]))
     return True
 
 
