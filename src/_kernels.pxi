@@ -71,13 +71,13 @@ ctypedef fused sums:     # (a type only as a compile-time switch, its value is n
 ctypedef fused lanes:    # the width of a tile of short rows (a compile-time switch, as sums)
     int     # TILE lanes
     long    # narrow: a tile of a few rows computes no more copies of its last row than that
-    short   # narrow for float64 logsumexp: EXACT_LANES
+    short   # narrow for logsumexp: EXACT_LANES
 
 
 cdef inline Py_ssize_t tile_width(lanes kind, floating data) noexcept nogil:
     """The lanes of a tile of short rows of the type of data (whose value is not used): TILE,
     or narrow, NARROW bytes: a 256-bit vector (fewer lanes than that vectorize poorly), or for
-    float64 logsumexp's exact sums EXACT_LANES (see stats_short_rows)."""
+    logsumexp EXACT_LANES (see stats_short_rows)."""
     if lanes is int:
         return TILE
     elif lanes is long:
@@ -241,7 +241,7 @@ cdef enum:
     SHORT = 256       # rows shorter than this are processed TILE rows at a time, transposed
     TILE = 16
     NARROW = 32       # bytes of a row of a narrow tile (see lanes)
-    EXACT_LANES = 8   # lanes of a narrow tile of float64 logsumexp (see stats_short_rows)
+    EXACT_LANES = 8   # lanes of a narrow tile of logsumexp (see stats_short_rows)
     CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
     GROUP = 1024      # elements of short rows logsumexp(where=) masks into a buffer at a time
     JB = 64           # columns walked together by a column kernel
@@ -1077,10 +1077,10 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     rows, one lane per row.  Each row's result depends on that row alone (a lane's arithmetic
     is the same in every lane and at either tile width).  softmax and logsumexp_backward keep
     the exps of the sum pass (as computed: the same results as a second exp)."""
-    if floating is double and op == OP_LOGSUMEXP and R <= EXACT_LANES:
-        short_tile(op, x, g, out, R, n, <short>0)   # (4 lanes: GCC unrolls the loop over
-    elif R <= tile_width(<long>0, <floating>0):    # them whole, and then takes each lane's
-        short_tile(op, x, g, out, R, n, <long>0)    # exp in scalar code: 1.3x the time)
+    if op == OP_LOGSUMEXP and R <= EXACT_LANES:     # (float64 in 4 lanes: GCC unrolls the
+        short_tile(op, x, g, out, R, n, <short>0)   # loop over them whole, then takes each
+    elif R <= tile_width(<long>0, <floating>0):     # lane's exp in scalar code)
+        short_tile(op, x, g, out, R, n, <long>0)
     else:               # (a few rows: not TILE - R copies of the last)
         short_tile(op, x, g, out, R, n, <int>0)
 
