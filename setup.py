@@ -171,6 +171,7 @@ def c_string(text: str) -> str:
 def extensions() -> list[Extension]:
     if NO_EXTENSIONS:
         return []
+    import numpy
     from Cython.Build import cythonize
 
     directives = {
@@ -194,7 +195,11 @@ def extensions() -> list[Extension]:
         Extension(
             f"cylsm._kernels_{level}",
             [f"src/_kernels_{level}.pyx"],
-            include_dirs=["src"],
+            include_dirs=["src", numpy.get_include()],
+            # NumPy's C API as of the oldest NumPy cylsm supports (pyproject.toml), whatever
+            # NumPy the wheel is built against; none of its deprecated parts
+            define_macros=[("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION"),
+                           ("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             libraries=libraries,
             depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h",
                      "src/cylsm_tile.h"],

@@ -34,10 +34,12 @@ from libc.math cimport log1p, log, fabs, fmaf, copysign, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_IsContiguous,
-                             PyBUF_FORMAT, PyBUF_STRIDES)
+from cpython.ref cimport Py_INCREF
+cimport numpy as cnp
 
 import numpy
+
+cnp.import_array()
 
 cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp(double x) noexcept
@@ -1713,39 +1715,49 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
 OPS = {"log_softmax": OP_LOG_SOFTMAX, "softmax": OP_SOFTMAX, "logsumexp": OP_LOGSUMEXP,
        "log_softmax_backward": OP_LOG_SOFTMAX_BACKWARD, "softmax_backward": OP_SOFTMAX_BACKWARD,
        "logsumexp_backward": OP_LOGSUMEXP_BACKWARD}
-_empty = numpy.empty
 _ndarray = numpy.ndarray
 
 
-cdef bint same_layout(Py_buffer* a, Py_buffer* b) noexcept:
-    """Same format and shape."""
-    cdef Py_ssize_t i
-    if a.format[0] != b.format[0] or b.format[1] != 0 or a.ndim != b.ndim:
+cdef inline int data_type(cnp.ndarray a) noexcept:
+    """a's type number (NPY_FLOAT, NPY_DOUBLE) if a is C-contiguous, aligned and of native
+    float32/float64 data, else -1 (the general path casts or copies such arrays)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if ((t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE) and cnp.PyArray_IS_C_CONTIGUOUS(a)
+            and cnp.PyArray_ISBEHAVED_RO(a)):
+        return t
+    return -1
+
+
+cdef bint same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Do a and b have the same shape?"""
+    cdef int i
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
         return False
-    for i in range(a.ndim):
-        if a.shape[i] != b.shape[i]:
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(b)[i]:
             return False
     return True
 
 
-cdef bint overlap(Py_buffer* a, Py_buffer* b) noexcept:
-    """Do the two buffers overlap without starting at the same address?"""
-    return a.buf != b.buf and touch(a, b)
+cdef bint overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Do the two arrays overlap without starting at the same address?"""
+    return cnp.PyArray_DATA(a) != cnp.PyArray_DATA(b) and touch(a, b)
 
 
-cdef bint touch(Py_buffer* a, Py_buffer* b) noexcept:
-    """Do the two buffers share any byte?"""
-    return <char*>a.buf < <char*>b.buf + b.len and <char*>b.buf < <char*>a.buf + a.len
+cdef bint touch(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Do the data of the two (contiguous) arrays share any byte?"""
+    cdef char* pa = <char*>cnp.PyArray_DATA(a)
+    cdef char* pb = <char*>cnp.PyArray_DATA(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
-cdef bint reduces(Py_buffer* r, Py_buffer* x, bint all_axes, bint first) noexcept:
-    """Is r shaped (and typed) as x reduced over its last axis (first: its first one), or over
-    all of it?"""
-    cdef Py_ssize_t i
-    if r.format[0] != x.format[0] or r.format[1] != 0 or r.ndim != (0 if all_axes else x.ndim - 1):
+cdef bint reduces(cnp.ndarray r, cnp.ndarray x, bint all_axes, bint first) noexcept:
+    """Is r shaped as x reduced over its last axis (first: its first one), or over all of it?"""
+    cdef int i
+    if cnp.PyArray_NDIM(r) != (0 if all_axes else cnp.PyArray_NDIM(x) - 1):
         return False
-    for i in range(r.ndim):
-        if r.shape[i] != x.shape[i + first]:
+    for i in range(cnp.PyArray_NDIM(r)):
+        if cnp.PyArray_DIMS(r)[i] != cnp.PyArray_DIMS(x)[i + first]:
             return False
     return True
 
@@ -1778,103 +1790,85 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
     upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
     the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
-    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous, x
-    not native float32/float64 with at least one element, g or out not of the expected shape
-    and format, out read-only, or out overlapping an input without being it (the caller then
-    takes the general path, which handles all of these).  Tiny arrays over rows keep the GIL:
+    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous,
+    aligned and of native float32/float64 data (all of one dtype), x empty or 0-d, g or out not
+    of the expected shape, out read-only, or out overlapping an input without being it (the
+    caller then takes the general path, which handles all of these).  The arrays are read
+    through NumPy's C API: the buffer protocol cost a (1, 10) call 60-80 ns per array, and
+    numpy.empty 150 ns more than PyArray_EMPTY.  Tiny arrays over rows keep the GIL:
     releasing it costs more than their work."""
-    cdef Py_buffer bx, bo, bg
-    cdef Py_ssize_t n, rows, inner = 1
-    cdef char kind
+    cdef cnp.ndarray ax, ag, ao
+    cdef Py_ssize_t n, rows, size
+    cdef int t, nd
     cdef bint ok
     cdef bint first = False         # reduced over axis 0 (outer 1): the column kernels
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint lse_backward = op == OP_LOGSUMEXP_BACKWARD
-    cdef bint have_g = False
+    cdef const void* gp = NULL
+    cdef const void* xp
+    cdef void* o
+    cdef cnp.npy_intp* shape
     if (type(x) is not _ndarray or (out is not None and type(out) is not _ndarray)
             or ((backward or lse_backward) and type(g) is not _ndarray)):
         return None
-    try:
-        PyObject_GetBuffer(x, &bx, PyBUF_STRIDES | PyBUF_FORMAT)
-    except ValueError:          # dtypes without a buffer format (datetime64)
+    ax = <cnp.ndarray>x
+    t = data_type(ax)
+    nd = cnp.PyArray_NDIM(ax)
+    size = cnp.PyArray_SIZE(ax)
+    if t < 0 or nd == 0 or size == 0:
         return None
-    bg.buf = NULL
-    try:
-        kind = bx.format[0] if bx.format[0] != 0 and bx.format[1] == 0 else 0
-        if (bx.ndim == 0 or bx.len == 0 or (kind != b"f" and kind != b"d")
-                or not PyBuffer_IsContiguous(&bx, b"C")):
+    shape = cnp.PyArray_DIMS(ax)
+    if not all_axes and axis != -1 and axis != nd - 1:
+        if nd < 2 or axis != 0 and axis != -nd:
             return None
-        if not all_axes and axis != -1 and axis != bx.ndim - 1:
-            if bx.ndim < 2 or axis != 0 and axis != -bx.ndim:
-                return None
-            first = True
-        if backward or lse_backward:
-            try:
-                PyObject_GetBuffer(g, &bg, PyBUF_STRIDES | PyBUF_FORMAT)
-            except ValueError:
-                return None
-            have_g = True
-            if not (PyBuffer_IsContiguous(&bg, b"C") and
-                    (same_layout(&bx, &bg) if backward else reduces(&bg, &bx, all_axes, first))):
-                return None
-        n = bx.len // bx.itemsize if all_axes else bx.shape[0 if first else bx.ndim - 1]
-        rows = bx.len // bx.itemsize // n
-        if first:                   # one block of rows x inner columns
-            rows, inner = 1, rows
-        result = out
-        if out is None and op == OP_LOGSUMEXP:     # (x.shape[:-1] costs 150 ns: a new tuple
-            result = _empty(() if all_axes or bx.ndim == 1 else      # and its slice)
-                            (bx.shape[1 if first else 0],) if bx.ndim == 2 else
-                            x.shape[1:] if first else x.shape[:-1], x.dtype)
-        elif out is None:           # (empty_like costs 100 ns more)
-            result = _empty((bx.shape[0], bx.shape[1]) if bx.ndim == 2 else x.shape, x.dtype)
-        try:
-            PyObject_GetBuffer(result, &bo, PyBUF_STRIDES | PyBUF_FORMAT)
-        except ValueError:
+        first = True
+    if backward or lse_backward:
+        ag = <cnp.ndarray>g
+        if data_type(ag) != t or not (same_shape(ag, ax) if backward
+                                      else reduces(ag, ax, all_axes, first)):
             return None
-        try:
-            if out is not None:
-                if bo.readonly or not PyBuffer_IsContiguous(&bo, b"C"):
-                    return None
-                if op == OP_LOGSUMEXP:
-                    ok = reduces(&bo, &bx, all_axes, first) and not touch(&bo, &bx)
-                else:
-                    ok = same_layout(&bx, &bo) and not overlap(&bo, &bx)
-                    ok = ok and not (backward and overlap(&bo, &bg))
-                    ok = ok and not (lse_backward and touch(&bo, &bg))
-                if not ok:          # the general path validates, and copies on overlap
-                    return None
-            if first:       # (calls apart: a variable inner in the others cost float64
-                with nogil: # logsumexp_backward over rows 3%)
-                    if kind == b"f":
-                        run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
-                               1, n, inner)
-                    else:
-                        run_op(op, <const double*>bx.buf, <const double*>bg.buf,
-                               <double*>bo.buf, 1, n, inner)
-            elif bx.len <= GIL_BYTES and kind == b"f":
-                run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf, rows, n,
-                       1)
-            elif bx.len <= GIL_BYTES:
-                run_op(op, <const double*>bx.buf, <const double*>bg.buf, <double*>bo.buf, rows,
-                       n, 1)
+        gp = cnp.PyArray_DATA(ag)
+    if out is not None:
+        ao = <cnp.ndarray>out
+        if data_type(ao) != t or not cnp.PyArray_ISWRITEABLE(ao):
+            return None
+        if op == OP_LOGSUMEXP:
+            ok = reduces(ao, ax, all_axes, first) and not touch(ao, ax)
+        else:
+            ok = same_shape(ax, ao) and not overlap(ao, ax)
+            ok = ok and not (backward and overlap(ao, ag))
+            ok = ok and not (lse_backward and touch(ao, ag))
+        if not ok:          # the general path validates, and copies on overlap
+            return None
+    elif op == OP_LOGSUMEXP:        # x.shape without the reduced axes
+        ao = <cnp.ndarray>cnp.PyArray_EMPTY(0 if all_axes else nd - 1, shape + first, t, 0)
+    else:
+        ao = <cnp.ndarray>cnp.PyArray_EMPTY(nd, shape, t, 0)
+    n = size if all_axes else shape[0 if first else nd - 1]
+    rows = size // n
+    xp = cnp.PyArray_DATA(ax)
+    o = cnp.PyArray_DATA(ao)
+    if first:       # one block of n rows x `rows` columns (calls apart: a variable inner in
+        with nogil: # the others cost float64 logsumexp_backward over rows 3%)
+            if t == cnp.NPY_FLOAT:
+                run_op(op, <const float*>xp, <const float*>gp, <float*>o, 1, n, rows)
             else:
-                with nogil:
-                    if kind == b"f":
-                        run_op(op, <const float*>bx.buf, <const float*>bg.buf, <float*>bo.buf,
-                               rows, n, 1)
-                    else:
-                        run_op(op, <const double*>bx.buf, <const double*>bg.buf,
-                               <double*>bo.buf, rows, n, 1)
-        finally:
-            PyBuffer_Release(&bo)
-        if out is None and op == OP_LOGSUMEXP and (all_axes or bx.ndim == 1):
-            return result[()]       # a 0-d result is a NumPy scalar, as NumPy and scipy return
-        return result
-    finally:
-        PyBuffer_Release(&bx)
-        if have_g:
-            PyBuffer_Release(&bg)
+                run_op(op, <const double*>xp, <const double*>gp, <double*>o, 1, n, rows)
+    elif cnp.PyArray_NBYTES(ax) <= GIL_BYTES:
+        if t == cnp.NPY_FLOAT:
+            run_op(op, <const float*>xp, <const float*>gp, <float*>o, rows, n, 1)
+        else:
+            run_op(op, <const double*>xp, <const double*>gp, <double*>o, rows, n, 1)
+    else:
+        with nogil:
+            if t == cnp.NPY_FLOAT:
+                run_op(op, <const float*>xp, <const float*>gp, <float*>o, rows, n, 1)
+            else:
+                run_op(op, <const double*>xp, <const double*>gp, <double*>o, rows, n, 1)
+    if out is None and op == OP_LOGSUMEXP and (all_axes or nd == 1):
+        Py_INCREF(ao)                   # (PyArray_Return steals a reference)
+        return cnp.PyArray_Return(ao)   # a 0-d result is a NumPy scalar, as NumPy and scipy
+    return ao                           # return
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,76 @@ def test_op_codes_agree(name: str) -> None:
     assert _select.load(name).OPS == _select.load("python").OPS
 
 
+def _unaligned(a: np.ndarray) -> np.ndarray:
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
+    m[...] = a
+    return m
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@requires_compiled
+@pytest.mark.parametrize("name", _select.COMPILED_NAMES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
+    """The shortcut (``fast``, which reads the arrays through NumPy's C API) computes exactly
+    the arrays it can hand to the kernels as they are, and returns None for every other one:
+    the general path then casts, copies or rejects them."""
+    K = _select.load(name)
+    ops = K.OPS
+    x = np.random.default_rng(3).standard_normal((5, 7)).astype(dtype)
+    g = np.ones_like(x)
+    g1 = np.ones(5, dtype)
+    other = np.float64 if dtype == np.float32 else np.float32
+
+    lsm = K.fast(ops["log_softmax"], x)
+    ref = np.empty((5, 7, 1), dtype)
+    K.log_softmax(x.reshape(5, 7, 1), ref)                  # the kernel behind the general path
+    assert lsm.dtype == dtype and lsm.shape == x.shape
+    np.testing.assert_array_equal(lsm, ref.reshape(x.shape))
+    lse = K.fast(ops["logsumexp"], x, True)
+    assert type(lse) is np.dtype(dtype).type               # a NumPy scalar
+    r = K.fast(ops["logsumexp"], x, False, None, None, 0)
+    assert r.shape == (7,) and r.dtype == dtype
+    out = np.empty_like(x)
+    assert K.fast(ops["softmax"], x, False, out) is out
+    assert K.fast(ops["logsumexp_backward"], x, False, None, g1).shape == x.shape
+
+    declined = {
+        "byte-swapped x": lambda: K.fast(ops["log_softmax"], x.astype(x.dtype.newbyteorder())),
+        "unaligned x": lambda: K.fast(ops["log_softmax"], _unaligned(x)),
+        "non-contiguous x": lambda: K.fast(ops["log_softmax"], x[:, ::2]),
+        "float16 x": lambda: K.fast(ops["log_softmax"], x.astype(np.float16)),
+        "int x": lambda: K.fast(ops["log_softmax"], x.astype(np.int64)),
+        "0-d x": lambda: K.fast(ops["log_softmax"], x[0, 0].reshape(())),
+        "empty x": lambda: K.fast(ops["log_softmax"], x[:0]),
+        "middle axis": lambda: K.fast(ops["log_softmax"], x.reshape(5, 7, 1), False, None, None,
+                                      1),
+        "out of the other dtype": lambda: K.fast(ops["log_softmax"], x, False,
+                                                 np.empty(x.shape, other)),
+        "read-only out": lambda: K.fast(ops["log_softmax"], x, False, _read_only(x)),
+        "unaligned out": lambda: K.fast(ops["log_softmax"], x, False, _unaligned(x)),
+        "byte-swapped out": lambda: K.fast(ops["log_softmax"], x, False,
+                                           np.empty(x.shape, x.dtype.newbyteorder())),
+        "out of another shape": lambda: K.fast(ops["log_softmax"], x, False, out[:4]),
+        "out overlapping x": lambda: K.fast(ops["log_softmax"], x[1:], False, x[:-1]),
+        "logsumexp out of x's shape": lambda: K.fast(ops["logsumexp"], x, False, out),
+        "g of the other dtype": lambda: K.fast(ops["softmax_backward"], x, False, None,
+                                               g.astype(other)),
+        "unaligned g": lambda: K.fast(ops["softmax_backward"], x, False, None, _unaligned(g)),
+        "g of another shape": lambda: K.fast(ops["softmax_backward"], x, False, None, g[:4]),
+        "logsumexp_backward g of x's shape": lambda: K.fast(ops["logsumexp_backward"], x,
+                                                            False, None, g),
+    }
+    for what, call in declined.items():
+        assert call() is None, what
+
+
 @requires_compiled
 def test_every_cpu_level_is_built_and_the_best_is_default() -> None:
     import platform
