@@ -16,6 +16,8 @@
   (tools/build_libomp_macos.sh); its include and library directories are added to the probe and
   to the kernels.
 - The modules are compiled in parallel (one job per CPU) unless -j/--parallel says otherwise.
+- The kernels' shortcut reads arrays through NumPy's C API: NumPy 2's headers at build time,
+  targeting the C API of NumPy 1.25 (the oldest NumPy cylsm supports at run time).
 """
 from __future__ import annotations
 
@@ -171,7 +173,14 @@ def c_string(text: str) -> str:
 def extensions() -> list[Extension]:
     if NO_EXTENSIONS:
         return []
-    import numpy
+    try:
+        import numpy
+    except ImportError as e:
+        raise RuntimeError(
+            "cylsm: building the kernels needs NumPy's C headers (numpy>=2.0 at build time, a "
+            "build requirement in pyproject.toml that pip installs by itself); with "
+            "--no-build-isolation, install numpy first, or set CYLSM_NO_EXTENSIONS=1 for the "
+            "pure-Python package") from e
     from Cython.Build import cythonize
 
     directives = {
@@ -196,8 +205,6 @@ def extensions() -> list[Extension]:
             f"cylsm._kernels_{level}",
             [f"src/_kernels_{level}.pyx"],
             include_dirs=["src", numpy.get_include()],
-            # NumPy's C API as of the oldest NumPy cylsm supports (pyproject.toml), whatever
-            # NumPy the wheel is built against; none of its deprecated parts
             define_macros=[("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION"),
                            ("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             libraries=libraries,
