@@ -306,8 +306,8 @@ def _normalize(fname: str, x: Any, axis: AxisLike, out: Any, dtype: Any, where: 
 
 # The kernels' shortcut, ``_K.fast(op, x, all_axes, out, g, axis)``: C-contiguous
 # float32/float64 ndarrays (x, and g for the backward ops) and a C-contiguous writable ``out``,
-# reduced over all axes, the last one (axis -1 or x.ndim - 1) or the first one of 2+ (axis 0 or
-# -x.ndim); it returns None when it does not apply (the kernels check).  The public functions
+# reduced over all axes or over any one; it returns None when it does not apply (the kernels
+# check: an axis out of range too, which the general path then reports).  The public functions
 # call it inline, with the op codes below (every backend's OPS has these: test_runtime checks),
 # and only for a plain int axis (``type(axis) is int``: a float, bool or array axis takes the
 # general path, which validates it).  A helper function's call cost up to a fifth of a (1, 10)

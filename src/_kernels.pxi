@@ -1751,13 +1751,13 @@ cdef bint touch(cnp.ndarray a, cnp.ndarray b) noexcept:
     return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
-cdef bint reduces(cnp.ndarray r, cnp.ndarray x, bint all_axes, bint first) noexcept:
-    """Is r shaped as x reduced over its last axis (first: its first one), or over all of it?"""
+cdef bint reduces(cnp.ndarray r, cnp.ndarray x, int k) noexcept:
+    """Is r shaped as x reduced over its axis k (k < 0: over all of it)?"""
     cdef int i
-    if cnp.PyArray_NDIM(r) != (0 if all_axes else cnp.PyArray_NDIM(x) - 1):
+    if cnp.PyArray_NDIM(r) != (0 if k < 0 else cnp.PyArray_NDIM(x) - 1):
         return False
     for i in range(cnp.PyArray_NDIM(r)):
-        if cnp.PyArray_DIMS(r)[i] != cnp.PyArray_DIMS(x)[i + first]:
+        if cnp.PyArray_DIMS(r)[i] != cnp.PyArray_DIMS(x)[i + (i >= k)]:
             return False
     return True
 
@@ -1785,29 +1785,29 @@ cdef void run_op(int op, const floating* x, const floating* g, floating* out,
 
 def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     """op (a value of OPS) of the ndarray ``x`` into the ndarray ``out`` (None: a new array),
-    over all axes (all_axes), the last one or the first one (``axis``, an int: -1 or
-    x.ndim - 1; 0 or -x.ndim for x of 2 or more dimensions: columns).
+    over all axes (all_axes) or over one (``axis``, an int, negative counting from the end).
     For the log_softmax/softmax backward ops x is the forward output (y or p) and g the
     upstream gradient, of x's shape; for logsumexp_backward x is the forward input and g has
     the shape of the logsumexp (all_axes: of x reduced over all of it).  Returns None when the
-    shortcut does not apply: another axis, x, g or out not an ndarray or not C-contiguous,
-    aligned and of native float32/float64 data (all of one dtype), x empty or 0-d, g or out not
-    of the expected shape, out read-only, or out overlapping an input without being it (the
-    caller then takes the general path, which handles all of these).  The arrays are read
-    through NumPy's C API: the buffer protocol cost a (1, 10) call 60-80 ns per array, and
-    numpy.empty 150 ns more than PyArray_EMPTY.  Tiny arrays over rows keep the GIL:
-    releasing it costs more than their work."""
+    shortcut does not apply: an axis out of range, x, g or out not an ndarray or not
+    C-contiguous, aligned and of native float32/float64 data (all of one dtype), x empty or
+    0-d, g or out not of the expected shape, out read-only, or out overlapping an input
+    without being it (the caller then takes the general path, which handles all of these).
+    x is then (outer, n, inner) with n the reduced axis, as the kernels take it.  The arrays
+    are read through NumPy's C API: the buffer protocol cost a (1, 10) call 60-80 ns per
+    array, and numpy.empty 150 ns more than PyArray_EMPTY.  Tiny arrays over rows keep the
+    GIL: releasing it costs more than their work."""
     cdef cnp.ndarray ax, ag, ao
-    cdef Py_ssize_t n, rows, size
-    cdef int t, nd
+    cdef Py_ssize_t n, size, outer = 1, inner = 1
+    cdef int t, nd, i, k = -1        # k: the reduced axis (-1: all of them)
     cdef bint ok
-    cdef bint first = False         # reduced over axis 0 (outer 1): the column kernels
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint lse_backward = op == OP_LOGSUMEXP_BACKWARD
     cdef const void* gp = NULL
     cdef const void* xp
     cdef void* o
     cdef cnp.npy_intp* shape
+    cdef cnp.npy_intp dims[cnp.NPY_MAXDIMS]
     if (type(x) is not _ndarray or (out is not None and type(out) is not _ndarray)
             or ((backward or lse_backward) and type(g) is not _ndarray)):
         return None
@@ -1818,14 +1818,13 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
     if t < 0 or nd == 0 or size == 0:
         return None
     shape = cnp.PyArray_DIMS(ax)
-    if not all_axes and axis != -1 and axis != nd - 1:
-        if nd < 2 or axis != 0 and axis != -nd:
+    if not all_axes:
+        if not -nd <= axis < nd:    # (compared as Python ints: any int is safe here)
             return None
-        first = True
+        k = axis + nd if axis < 0 else axis
     if backward or lse_backward:
         ag = <cnp.ndarray>g
-        if data_type(ag) != t or not (same_shape(ag, ax) if backward
-                                      else reduces(ag, ax, all_axes, first)):
+        if data_type(ag) != t or not (same_shape(ag, ax) if backward else reduces(ag, ax, k)):
             return None
         gp = cnp.PyArray_DATA(ag)
     if out is not None:
@@ -1833,39 +1832,46 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
         if data_type(ao) != t or not cnp.PyArray_ISWRITEABLE(ao):
             return None
         if op == OP_LOGSUMEXP:
-            ok = reduces(ao, ax, all_axes, first) and not touch(ao, ax)
+            ok = reduces(ao, ax, k) and not touch(ao, ax)
         else:
             ok = same_shape(ax, ao) and not overlap(ao, ax)
             ok = ok and not (backward and overlap(ao, ag))
             ok = ok and not (lse_backward and touch(ao, ag))
         if not ok:          # the general path validates, and copies on overlap
             return None
-    elif op == OP_LOGSUMEXP:        # x.shape without the reduced axes
-        ao = <cnp.ndarray>cnp.PyArray_EMPTY(0 if all_axes else nd - 1, shape + first, t, 0)
+    elif op == OP_LOGSUMEXP:        # x's shape without the reduced axes
+        for i in range(nd - 1 if k >= 0 else 0):
+            dims[i] = shape[i + (i >= k)]
+        ao = <cnp.ndarray>cnp.PyArray_EMPTY(nd - 1 if k >= 0 else 0, dims, t, 0)
     else:
         ao = <cnp.ndarray>cnp.PyArray_EMPTY(nd, shape, t, 0)
-    n = size if all_axes else shape[0 if first else nd - 1]
-    rows = size // n
+    if k < 0:
+        n = size
+    else:
+        n = shape[k]
+        for i in range(k):
+            outer *= shape[i]
+        inner = size // (outer * n)
     xp = cnp.PyArray_DATA(ax)
     o = cnp.PyArray_DATA(ao)
-    if first:       # one block of n rows x `rows` columns (calls apart: a variable inner in
+    if inner > 1:   # columns: blocks of n rows x inner (calls apart: a variable inner in
         with nogil: # the others cost float64 logsumexp_backward over rows 3%)
             if t == cnp.NPY_FLOAT:
-                run_op(op, <const float*>xp, <const float*>gp, <float*>o, 1, n, rows)
+                run_op(op, <const float*>xp, <const float*>gp, <float*>o, outer, n, inner)
             else:
-                run_op(op, <const double*>xp, <const double*>gp, <double*>o, 1, n, rows)
+                run_op(op, <const double*>xp, <const double*>gp, <double*>o, outer, n, inner)
     elif cnp.PyArray_NBYTES(ax) <= GIL_BYTES:
         if t == cnp.NPY_FLOAT:
-            run_op(op, <const float*>xp, <const float*>gp, <float*>o, rows, n, 1)
+            run_op(op, <const float*>xp, <const float*>gp, <float*>o, outer, n, 1)
         else:
-            run_op(op, <const double*>xp, <const double*>gp, <double*>o, rows, n, 1)
+            run_op(op, <const double*>xp, <const double*>gp, <double*>o, outer, n, 1)
     else:
         with nogil:
             if t == cnp.NPY_FLOAT:
-                run_op(op, <const float*>xp, <const float*>gp, <float*>o, rows, n, 1)
+                run_op(op, <const float*>xp, <const float*>gp, <float*>o, outer, n, 1)
             else:
-                run_op(op, <const double*>xp, <const double*>gp, <double*>o, rows, n, 1)
-    if out is None and op == OP_LOGSUMEXP and (all_axes or nd == 1):
+                run_op(op, <const double*>xp, <const double*>gp, <double*>o, outer, n, 1)
+    if out is None and op == OP_LOGSUMEXP and (k < 0 or nd == 1):
         Py_INCREF(ao)                   # (PyArray_Return steals a reference)
         return cnp.PyArray_Return(ao)   # a 0-d result is a NumPy scalar, as NumPy and scipy
     return ao                           # return

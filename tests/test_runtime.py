@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,18 @@ def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
     assert type(lse) is np.dtype(dtype).type               # a NumPy scalar
     r = K.fast(ops["logsumexp"], x, False, None, None, 0)
     assert r.shape == (7,) and r.dtype == dtype
+    x3 = np.random.default_rng(4).standard_normal((3, 5, 4)).astype(dtype)
+    for axis in (0, 1, -1, -2):                             # any one axis: (outer, n, inner)
+        k = axis % 3
+        shape3 = (math.prod(x3.shape[:k]), x3.shape[k], math.prod(x3.shape[k + 1:]))
+        ref3 = np.empty(shape3, dtype)
+        K.softmax(x3.reshape(shape3), ref3)
+        np.testing.assert_array_equal(K.fast(ops["softmax"], x3, False, None, None, axis),
+                                      ref3.reshape(x3.shape))
+        lse3 = np.empty((shape3[0], shape3[2]), dtype)
+        K.logsumexp(x3.reshape(shape3), lse3)
+        r3 = K.fast(ops["logsumexp"], x3, False, None, None, axis)
+        np.testing.assert_array_equal(r3, lse3.reshape(np.delete(x3.shape, k)))
     out = np.empty_like(x)
     assert K.fast(ops["softmax"], x, False, out) is out
     assert K.fast(ops["logsumexp_backward"], x, False, None, g1).shape == x.shape
@@ -124,8 +137,11 @@ def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
         "int x": lambda: K.fast(ops["log_softmax"], x.astype(np.int64)),
         "0-d x": lambda: K.fast(ops["log_softmax"], x[0, 0].reshape(())),
         "empty x": lambda: K.fast(ops["log_softmax"], x[:0]),
-        "middle axis": lambda: K.fast(ops["log_softmax"], x.reshape(5, 7, 1), False, None, None,
-                                      1),
+        "axis out of range": lambda: K.fast(ops["log_softmax"], x, False, None, None, 2),
+        "axis out of range, negative": lambda: K.fast(ops["log_softmax"], x, False, None, None,
+                                                      -3),
+        "logsumexp out reduced over another axis": lambda: K.fast(
+            ops["logsumexp"], x3, False, np.empty((3, 5), dtype), None, 1),
         "out of the other dtype": lambda: K.fast(ops["log_softmax"], x, False,
                                                  np.empty(x.shape, other)),
         "read-only out": lambda: K.fast(ops["log_softmax"], x, False, _read_only(x)),
