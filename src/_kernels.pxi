@@ -1079,11 +1079,12 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
     rows, one lane per row.  Each row's result depends on that row alone (a lane's arithmetic
     is the same in every lane and at either tile width).  softmax and logsumexp_backward keep
     the exps of the sum pass (as computed: the same results as a second exp)."""
-    if op == OP_LOGSUMEXP and R <= EXACT_LANES:     # (float64 in 4 lanes: GCC unrolls the
-        short_tile(op, x, g, out, R, n, <short>0)   # loop over them whole, then takes each
-    elif R <= tile_width(<long>0, <floating>0):     # lane's exp in scalar code)
+    if op == OP_LOGSUMEXP and R <= EXACT_LANES:     # (not 4 float64 lanes: GCC unrolls a
+        short_tile(op, x, g, out, R, n, <short>0)   # loop over 4 whole, then takes each
+                                                    # lane's exp in scalar code)
+    elif R <= tile_width(<long>0, <floating>0):     # a few rows: not TILE - R copies of the last
         short_tile(op, x, g, out, R, n, <long>0)
-    else:               # (a few rows: not TILE - R copies of the last)
+    else:
         short_tile(op, x, g, out, R, n, <int>0)
 
 
