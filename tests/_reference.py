@@ -231,6 +231,15 @@ def ref_logsumexp_backward(grad: Any, x: Any, axis: Any = None, keepdims: bool =
 # measurements
 
 
+def misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` one byte past an aligned address (a view into a byte buffer)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
+    m[...] = a
+    assert not m.flags.aligned and m.flags.c_contiguous
+    return m
+
+
 def ulp_err(computed: Any, ref: Any, dtype: Any) -> np.ndarray:
     """|computed - ref| in ulps of ``dtype`` at the reference value.
 

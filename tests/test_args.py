@@ -16,6 +16,7 @@ from _reference import (
     assert_lse_close,
     assert_ulp_close,
     eps,
+    misaligned,
     no_warnings,
     quiet,
     ref_log_softmax,
@@ -1017,15 +1018,6 @@ def test_where_b_no_input_sized_temporary(backends, monkeypatch):
             assert peak < x.nbytes // 64, f"{name}, call {k}: {peak} bytes for a {x.nbytes}-byte x"
 
 
-def _misaligned(a):
-    """A copy of ``a`` one byte past an aligned address (a view into a byte buffer)."""
-    raw = np.zeros(a.nbytes + 1, np.uint8)
-    m = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
-    m[...] = a
-    assert not m.flags.aligned and m.flags.c_contiguous
-    return m
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_misaligned_arrays_reach_the_kernels_aligned(backends, monkeypatch, dtype):
     """x, out, b and grad one byte off their alignment (still C-contiguous, so NumPy would
@@ -1073,7 +1065,7 @@ def test_misaligned_arrays_reach_the_kernels_aligned(backends, monkeypatch, dtyp
                 seen.append(_name)
                 return _f(*args, **kw)
             monkeypatch.setattr(kernels, fname, spy)
-        got = [c() for c in calls(_misaligned)] + [in_place(_misaligned(x))]
+        got = [c() for c in calls(misaligned)] + [in_place(misaligned(x))]
         for k, (e, r) in enumerate(zip(expected, got)):
             for ee, rr in zip(e if isinstance(e, tuple) else (e,), r if isinstance(r, tuple) else (r,)):
                 assert_array_equal(rr, ee, err_msg=f"{name}, call {k}")

@@ -15,6 +15,8 @@ import pytest
 import cylsm
 from cylsm import _api, _select
 
+from _reference import misaligned
+
 HERE = Path(__file__).parent
 NO_EXT = bool(os.environ.get("CYLSM_NO_EXTENSIONS"))
 requires_compiled = pytest.mark.skipif(NO_EXT, reason="CYLSM_NO_EXTENSIONS is set")
@@ -77,19 +79,6 @@ def test_op_codes_agree(name: str) -> None:
     assert _select.load(name).OPS == _select.load("python").OPS
 
 
-def _unaligned(a: np.ndarray) -> np.ndarray:
-    raw = np.zeros(a.nbytes + 1, np.uint8)
-    m = np.ndarray(a.shape, a.dtype, buffer=raw, offset=1)
-    m[...] = a
-    return m
-
-
-def _read_only(a: np.ndarray) -> np.ndarray:
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
 @requires_compiled
 @pytest.mark.parametrize("name", _select.COMPILED_NAMES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -127,11 +116,13 @@ def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
         np.testing.assert_array_equal(r3, lse3.reshape(np.delete(x3.shape, k)))
     out = np.empty_like(x)
     assert K.fast(ops["softmax"], x, False, out) is out
+    read_only = out.copy()
+    read_only.flags.writeable = False
     assert K.fast(ops["logsumexp_backward"], x, False, None, g1).shape == x.shape
 
     declined = {
         "byte-swapped x": lambda: K.fast(ops["log_softmax"], x.astype(x.dtype.newbyteorder())),
-        "unaligned x": lambda: K.fast(ops["log_softmax"], _unaligned(x)),
+        "unaligned x": lambda: K.fast(ops["log_softmax"], misaligned(x)),
         "non-contiguous x": lambda: K.fast(ops["log_softmax"], x[:, ::2]),
         "float16 x": lambda: K.fast(ops["log_softmax"], x.astype(np.float16)),
         "int x": lambda: K.fast(ops["log_softmax"], x.astype(np.int64)),
@@ -144,8 +135,8 @@ def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
             ops["logsumexp"], x3, False, np.empty((3, 5), dtype), None, 1),
         "out of the other dtype": lambda: K.fast(ops["log_softmax"], x, False,
                                                  np.empty(x.shape, other)),
-        "read-only out": lambda: K.fast(ops["log_softmax"], x, False, _read_only(x)),
-        "unaligned out": lambda: K.fast(ops["log_softmax"], x, False, _unaligned(x)),
+        "read-only out": lambda: K.fast(ops["log_softmax"], x, False, read_only),
+        "unaligned out": lambda: K.fast(ops["log_softmax"], x, False, misaligned(x)),
         "byte-swapped out": lambda: K.fast(ops["log_softmax"], x, False,
                                            np.empty(x.shape, x.dtype.newbyteorder())),
         "out of another shape": lambda: K.fast(ops["log_softmax"], x, False, out[:4]),
@@ -153,7 +144,7 @@ def test_shortcut_takes_and_declines(name: str, dtype: type) -> None:
         "logsumexp out of x's shape": lambda: K.fast(ops["logsumexp"], x, False, out),
         "g of the other dtype": lambda: K.fast(ops["softmax_backward"], x, False, None,
                                                g.astype(other)),
-        "unaligned g": lambda: K.fast(ops["softmax_backward"], x, False, None, _unaligned(g)),
+        "unaligned g": lambda: K.fast(ops["softmax_backward"], x, False, None, misaligned(g)),
         "g of another shape": lambda: K.fast(ops["softmax_backward"], x, False, None, g[:4]),
         "logsumexp_backward g of x's shape": lambda: K.fast(ops["logsumexp_backward"], x,
                                                             False, None, g),
