@@ -28,15 +28,16 @@
 /* Type punning through a union (GCC/Clang/MSVC define it); memcpy would keep the vectorizer off. */
 typedef union { double d; uint64_t u; } cylsm_bits;
 
-/* exp(r) for |r| <= ln2/2 (plus a correction far below ulp(r)): 1 + (r + r^2 q(r)) with q of
- * degree 9, added to 1 last so that the result is rounded once: about 0.6 ulp.  q is the
+/* exp(r) - 1 for |r| <= ln2/2 (plus a correction far below ulp(r)): r + r^2 q(r) with q of
+ * degree 9; exp(r) = 1 + that, the 1 added last (by cylsm_scale_exp, or by the caller) so that
+ * the result is rounded once: about 0.6 ulp.  q is the
  * minimax approximation (Remez, on |r| <= 0.347, for the relative error of the whole, its
  * first coefficient fixed at a double and the others rounded; tools/exp_minimax.py derives
  * the coefficients of both polynomials): relative error below 4.6e-18 (2^-57.6), as the
  * Taylor series to degree 13 had, with 2 fewer operations (the loops are bound by their
  * count; 4-9% faster).  Estrin's scheme: Horner's has fewer operations still, but its
  * dependency chain made the double loops no faster.  Shared by every double exp below. */
-static inline double cylsm_exp_poly(double r)
+static inline double cylsm_expm1_poly(double r)
 {
     double r2 = r * r;
     double r4 = r2 * r2;
@@ -47,22 +48,33 @@ static inline double cylsm_exp_poly(double r)
     double a3 = 0x1.a01998735cf1fp-16 + r * 0x1.71df01c3ff589p-19;
     double a4 = 0x1.28aef6da12663p-22 + r * 0x1.adc0f20817c3bp-26;
     double q = ((a0 + r2 * a1) + r4 * (a2 + r2 * a3)) + r8 * a4;
-    double y = 1.0 + (r + r2 * q);
-    return y;
+    return r + r2 * q;
+}
+
+/* 2^k exp(r) for s = 2^k normal: s + s p, one fused multiply-add where the target has it.
+ * The same bits as (1 + p) s, rounded once either way (s scales exactly), for one operation
+ * fewer: the 1 is not added apart. */
+static inline double cylsm_scale_exp(double p, double s)
+{
+    return p * s + s;
 }
 
 /* The same in single precision: q of degree 4, minimax on |r| <= 0.3476 (the float reduction
  * overshoots ln2/2 a little), relative error of the whole below 4e-9 (2^-27.9), by Horner's
  * scheme, which measured faster than Estrin's here (one operation fewer). */
-static inline float cylsm_expf_poly(float r)
+static inline float cylsm_expm1f_poly(float r)
 {
     float q = 0x1.6da296p-10f;
     q = q * r + 0x1.124f32p-7f;
     q = q * r + 0x1.555580p-5f;
     q = q * r + 0x1.555474p-3f;
     q = q * r + 0x1.fffffep-2f;
-    float y = 1.0f + (r + (r * r) * q);
-    return y;
+    return r + (r * r) * q;
+}
+
+static inline float cylsm_scale_expf(float p, float s)    /* as cylsm_scale_exp */
+{
+    return p * s + s;
 }
 
 /* exp(x) for any x.  As cylsm_exp_nonpos below (read that first), with 2^k applied as
@@ -85,8 +97,7 @@ static inline double cylsm_exp(double x)
     s1.u = (kb.u << 52) + (bias << 52);              /* 2^(k - B) */
     s2.u = (2046 - bias) << 52;                      /* 2^B */
 
-    double y = cylsm_exp_poly(r);
-    double e = (y * s1.d) * s2.d;
+    double e = cylsm_scale_exp(cylsm_expm1_poly(r), s1.d) * s2.d;
     e = x > 709.8 ? (double)INFINITY : e;
     return kd < -1600.0 ? 0.0 : e;                   /* NaN compares false throughout: kept */
 }
@@ -95,7 +106,7 @@ typedef union { float f; uint32_t u; } cylsm_bits32;
 
 /* exp(x) of a float x as a double, for float32 data whose exps are factors of a product
  * formed in double: the design of cylsm_exp in single precision (twice the lanes; about 0.6
- * float ulp, see cylsm_expf_poly), with 2^k applied in double,
+ * float ulp, see cylsm_expm1f_poly), with 2^k applied in double,
  * where it is exact.  So the result is that accurate all the way down, where a float result
  * below 2^-126 would be rounded to the float subnormal grid (and a product formed from it
  * many of its spacings off), and above float's range it stays finite.  Below 2^-1022
@@ -112,7 +123,7 @@ static inline double cylsm_expf_wide(float x)
     float kd = x * log2e + shifter;
     kd -= shifter;
     float r = (x - kd * ln2_hi) - kd * ln2_lo;
-    float y = cylsm_expf_poly(r);
+    float y = 1.0f + cylsm_expm1f_poly(r);
 
     cylsm_bits kb, s;
     kb.d = (double)kd + 0x1.8p52;                    /* k in the low bits, as in cylsm_exp */
@@ -132,8 +143,13 @@ static inline double cylsm_expf_wide(float x)
  *   2^k); a NaN x compares false and stays NaN.
  * - 2^k is applied as one power of two that is always normal, 2^(k + BIAS), followed by the
  *   constant 2^-BIAS: the first product is exact and the second rounds once, so subnormal
- *   results are rounded correctly instead of being flushed. */
-static inline double cylsm_exp_nonpos(double x, double lo)
+ *   results are rounded correctly instead of being flushed.
+ * - In two halves: _arg forms the reduced argument r and, in *s, 2^(k + BIAS) (both 0 where
+ *   the result is 0), _value the exp from them.  A loop that forms a run of arguments into a
+ *   buffer and then their exps (see block_sumexp) has two short dependency chains instead of
+ *   one long one, which kept the processor from overlapping enough elements (a row's sum
+ *   in a C loop: 0.83 of the time, float32 and float64 alike), with the same bits. */
+static inline double cylsm_exp_nonpos_arg(double x, double lo, double *s)
 {
     const double shifter = 0x1.8p52;
     const double log2e = 0x1.71547652b82fep0;
@@ -148,10 +164,25 @@ static inline double cylsm_exp_nonpos(double x, double lo)
     /* kb.u = 0x4338000000000000 + k (two's complement), so (kb.u << 52) + ((1023 + 600) << 52)
      * is the bit pattern of 2^(k + 600), normal for -1622 <= k <= 0. */
     s1.u = (kb.u << 52) + ((uint64_t)(1023 + 600) << 52);
+    cylsm_bits rb;                                   /* both 0 by a mask where kd < -1600 */
+    uint64_t keep = kd < -1600.0 ? 0u : ~(uint64_t)0;  /* (NaN compares false: kept) */
+    rb.d = r;
+    rb.u &= keep;
+    s1.u &= keep;
+    *s = s1.d;
+    return rb.d;
+}
 
-    double y = cylsm_exp_poly(r);
-    double e = (y * s1.d) * 0x1p-600;
-    return kd < -1600.0 ? 0.0 : e;
+static inline double cylsm_exp_nonpos_value(double r, double s)
+{
+    return cylsm_scale_exp(cylsm_expm1_poly(r), s) * 0x1p-600;     /* 0 where r = s = 0 */
+}
+
+static inline double cylsm_exp_nonpos(double x, double lo)
+{
+    double s;
+    double r = cylsm_exp_nonpos_arg(x, lo, &s);
+    return cylsm_exp_nonpos_value(r, s);
 }
 
 /* exp(x + lo) * 2^64 for a float x <= 0: cylsm_exp_nonpos in single precision, without the
@@ -182,7 +213,7 @@ static inline float cylsm_zero_if_equalf(float e, float v, float m)
 #define CYLSM_FMA 0
 #endif
 
-static inline float cylsm_expf_nonpos_scaled(float x, float lo)
+static inline float cylsm_expf_nonpos_scaled_arg(float x, float lo, float *s)
 {
     const float shifter = 0x1.8p23f;
     const float log2e = 0x1.715476p0f;
@@ -195,11 +226,25 @@ static inline float cylsm_expf_nonpos_scaled(float x, float lo)
     kd -= shifter;
     float r = ((x - kd * ln2_hi) + lo) - kd * ln2_lo;
     s1.u = (kb.u << 23) + ((uint32_t)(127 + 64) << 23);   /* 2^(k + 64), normal for k >= -190 */
+    cylsm_bits32 rb;                                  /* both 0 by a mask where kd < -188 */
+    uint32_t keep = kd < -188.0f ? 0u : ~0u;          /* (NaN compares false: kept; selects */
+    rb.f = r;                                         /* made GCC leave the short rows' loop */
+    rb.u &= keep;                                     /* scalar) */
+    s1.u &= keep;
+    *s = s1.f;
+    return rb.f;
+}
 
-    cylsm_bits32 e;                                   /* 0 by a mask: see cylsm_zero_if_equalf */
-    e.f = cylsm_expf_poly(r) * s1.f;
-    e.u &= kd < -188.0f ? 0u : ~0u;                   /* NaN compares false: kept */
-    return e.f;
+static inline float cylsm_expf_nonpos_scaled_value(float r, float s)
+{
+    return cylsm_scale_expf(cylsm_expm1f_poly(r), s);
+}
+
+static inline float cylsm_expf_nonpos_scaled(float x, float lo)
+{
+    float s;
+    float r = cylsm_expf_nonpos_scaled_arg(x, lo, &s);
+    return cylsm_expf_nonpos_scaled_value(r, s);
 }
 
 /* log1p(t) for t >= 0 (or NaN, +inf), branch-free so that a loop over many rows' sums

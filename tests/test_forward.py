@@ -489,8 +489,9 @@ def test_out_other_memory_order(lsm, name, axis):
 @pytest.mark.parametrize("name", ELEMENTWISE)
 @pytest.mark.parametrize("axis", [0, -1, None, (0, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_out_in_place(lsm, name, axis, dtype):
-    x = data((6, 9), dtype, seed=17)
+@pytest.mark.parametrize("shape", [(6, 9), (3, 700)], ids=str)   # short rows, the row kernel
+def test_out_in_place(lsm, name, axis, dtype, shape):
+    x = data(shape, dtype, seed=17)
     expect = call(lsm, name, x.copy(), axis=axis)
     res = call(lsm, name, x, axis=axis, out=x)
     assert res is x

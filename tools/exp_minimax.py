@@ -68,8 +68,8 @@ def rel_error(coeffs, a):
 
 # (the first coefficients: the type's values nearest the unconstrained optimum's)
 for name, degree, a, dtype, c2, suffix in (
-        ("cylsm_exp_poly (double)", 11, "0.3470", np.float64, "0x1.000000000000ap-1", ""),
-        ("cylsm_expf_poly (float)", 6, "0.3476", np.float32, "0x1.fffffep-2", "f")):
+        ("cylsm_expm1_poly (double)", 11, "0.3470", np.float64, "0x1.000000000000ap-1", ""),
+        ("cylsm_expm1f_poly (float)", 6, "0.3476", np.float32, "0x1.fffffep-2", "f")):
     a = mp.mpf(a)
     c2 = dtype(float.fromhex(c2))
     coeffs = [c2] + [dtype(float(c)) for c in remez(degree, a, mp.mpf(float(c2)))]
