@@ -49,6 +49,8 @@ cdef extern from "cylsm_exp.h" nogil:
     double cylsm_exp_nonpos(double x, double lo) noexcept
     double cylsm_exp_nonpos_arg(double x, double lo, double* s) noexcept
     double cylsm_exp_nonpos_value(double r, double s) noexcept
+    double cylsm_exp_nonpos_scaled_value(double r, double s) noexcept
+    const double CYLSM_UNSCALE64   # 2^-600
     float cylsm_expf_nonpos_scaled(float x, float lo) noexcept
     float cylsm_expf_nonpos_scaled_arg(float x, float lo, float* s) noexcept
     float cylsm_expf_nonpos_scaled_value(float r, float s) noexcept
@@ -109,6 +111,31 @@ cdef inline floating exp_value(floating r, floating s) noexcept nogil:
         return cylsm_expf_nonpos_scaled_value(r, s)
     else:
         return cylsm_exp_nonpos_value(r, s)
+
+
+cdef inline floating exp_value_scaled(floating r, floating s) noexcept nogil:
+    """exp_value scaled for a sum: times 2^64 for float data (exp_value itself), 2^600 for
+    double; sum_unscale undoes it."""
+    if floating is float:
+        return cylsm_expf_nonpos_scaled_value(r, s)
+    else:
+        return cylsm_exp_nonpos_scaled_value(r, s)
+
+
+cdef inline floating exp_diff_scaled(floating a, floating b) noexcept nogil:
+    """exp_diff_s(a, b) scaled for a sum as exp_value_scaled."""
+    cdef floating s
+    cdef floating r = exp_arg(a, b, &s)
+    return exp_value_scaled(r, s)
+
+
+cdef inline double sum_unscale(floating kind) noexcept nogil:
+    """What turns a sum of exp_value_scaled results into its value (exactly, but where that is
+    below 2^-1022); for float data unscale's 2^-64."""
+    if floating is float:
+        return CYLSM_UNSCALE
+    else:
+        return CYLSM_UNSCALE64
 
 
 cdef inline floating exp_diff_s(floating a, floating b) noexcept nogil:
@@ -450,17 +477,18 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     for j in range(w):
         tot[j] = 0.0
         comp[j] = 0.0
-    if floating is double and sums is short:
+    if floating is double and sums is short:    # (the 1 each total starts at, scaled too)
         for j in range(w):
-            part[j] = 1.0
+            part[j] = 1.0 / sum_unscale(m[0])
         for k in range(K):
             row = p + k * s
             prefetch_panel_row(row + JB)
             for j in range(w):
                 v = row[j]
-                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_s(v, m[j]))
+                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_scaled(v, m[j]))
         for j in range(w):
-            tot[j] = part[j] - 1.0
+            tot[j] = (part[j] - 1.0 / sum_unscale(m[0])) * sum_unscale(m[0])
+            comp[j] *= sum_unscale(m[0])
         return
     k0 = 0
     while k0 < K:
@@ -473,7 +501,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                 prefetch_panel_row(row + JB)
                 for j in range(w):
                     v = row[j]
-                    es = exp_diff_s(v, m[j])     # scaled, see unscale
+                    es = exp_diff_scaled(v, m[j])     # see sum_unscale
                     part[j] += unless_max(es, v, m[j])
         else:
             for k in range(k0, k1):
@@ -489,7 +517,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(w):
-        tot[j] = (tot[j] + comp[j]) * unscale(m[0])
+        tot[j] = (tot[j] + comp[j]) * (sum_unscale(m[0]) if store == NULL else unscale(m[0]))
         comp[j] = 0.0
 
 
@@ -681,7 +709,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                 for g in range(c0, c1):
                     for j in range(W):
                         k = (g - c0) * W + j
-                        es = exp_value(R[k], Sc[k])     # scaled, see unscale
+                        es = exp_value_scaled(R[k], Sc[k])     # see sum_unscale
                         acc[j] += unless_max(es, x[g * W + j], mx)
             else:
                 for g in range(c0, c1):
@@ -699,7 +727,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
         for j in range(W):
             i = ng * W + j
             v = x[i] if i < n else mx
-            e = exp_diff_s(v, mx)
+            e = exp_diff_scaled(v, mx) if store == NULL else exp_diff_s(v, mx)
             acc[j] = 0.0 if v == mx and (store == NULL or kept_ones(v) or i >= n) else e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
@@ -709,7 +737,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     for j in range(W):
         two_sum_add(&t, &c, tot[j])
         c += comp[j]
-    return (t + c) * unscale(mx)
+    return (t + c) * (sum_unscale(mx) if store == NULL else unscale(mx))
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
@@ -1082,15 +1110,15 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     for j in range(V):
         ones[j] = count[j]
     k0 = 0
-    if floating is double and sums is short:    # one exact sum (add_exact)
+    if floating is double and sums is short:    # one exact sum (add_exact), scaled as below
         for j in range(V):
-            part[j] = 1.0
+            part[j] = 1.0 / sum_unscale(m[0])
         for k in range(n):
             for j in range(V):
                 v = T[k * V + j]
-                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_s(v, m[j]))
+                add_exact(&part[j], &comp[j], 0.0 if v == m[j] else exp_diff_scaled(v, m[j]))
         for j in range(V):
-            tot[j] = part[j] - 1.0
+            tot[j] = part[j] - 1.0 / sum_unscale(m[0])
         k0 = n
     while k0 < n:
         k1 = k0 + run if k0 + run < n else n
@@ -1108,7 +1136,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                 for k in range(c0, c1):
                     for j in range(V):
                         i = (k - c0) * V + j
-                        e = exp_value(Ra[i], Sc[i])     # scaled, see unscale
+                        e = exp_value_scaled(Ra[i], Sc[i])     # see sum_unscale
                         part[j] += unless_max(e, T[k * V + j], m[j])
             else:
                 for k in range(c0, c1):
@@ -1126,6 +1154,10 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
         for j in range(V):
             tot[j] = (tot[j] + comp[j]) * unscale(m[0])
             comp[j] = 0.0
+    elif E == NULL:
+        for j in range(V):
+            tot[j] *= sum_unscale(m[0])
+            comp[j] *= sum_unscale(m[0])
     finish_stats(T, n, V, V, m, ones, tot, comp, M, L, S, Q, E == NULL)
 
 

@@ -173,9 +173,17 @@ static inline double cylsm_exp_nonpos_arg(double x, double lo, double *s)
     return rb.d;
 }
 
+/* exp(x + lo) * 2^600 from _arg's r and s: never subnormal (as cylsm_expf_nonpos_scaled), for
+ * sums of many terms that are unscaled once, by CYLSM_UNSCALE64, instead of each term. */
+static inline double cylsm_exp_nonpos_scaled_value(double r, double s)
+{
+    return cylsm_scale_exp(cylsm_expm1_poly(r), s);                 /* 0 where r = s = 0 */
+}
+#define CYLSM_UNSCALE64 0x1p-600
+
 static inline double cylsm_exp_nonpos_value(double r, double s)
 {
-    return cylsm_scale_exp(cylsm_expm1_poly(r), s) * 0x1p-600;     /* 0 where r = s = 0 */
+    return cylsm_exp_nonpos_scaled_value(r, s) * CYLSM_UNSCALE64;
 }
 
 static inline double cylsm_exp_nonpos(double x, double lo)
