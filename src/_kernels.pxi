@@ -359,9 +359,10 @@ cdef inline int n_threads(Py_ssize_t size) noexcept nogil:
 
 
 cdef inline void add_exact(double* total, double* comp, double v) noexcept nogil:
-    """total + comp += v for 0 <= v <= 1 <= total (Fast2Sum: 3 operations for TwoSum's 6).
-    The exps of a line's sum pass are at most 1: a total started at 1 (taken off at the end,
-    exactly) keeps every rounding error of the sum in comp.  The float64 logsumexp of short
+    """total + comp += v for 0 <= v <= 1 <= total (Fast2Sum: 3 operations for TwoSum's 6), or
+    all three scaled by one power of two, as the float64 sums are (see sum_unscale).  The exps
+    of a line's sum pass are at most 1: a total started at 1 (taken off at the end, exactly)
+    keeps every rounding error of the sum in comp.  The float64 logsumexp of short
     rows and of columns sums this way: a plain sum of a few terms can be off by a few ulps,
     which log1p passes on to the logsumexp, beyond SPEC's bound where it is below 1."""
     cdef double s = total[0] + v
