@@ -233,6 +233,10 @@ cdef extern from "cylsm_tile.h" nogil:
                              Py_ssize_t rows, Py_ssize_t cols) noexcept
     void cylsm_transpose_f64(const double* src, Py_ssize_t ss, double* dst, Py_ssize_t ds,
                              Py_ssize_t rows, Py_ssize_t cols) noexcept
+    void cylsm_split_factor(double fs, float* fh, float* fl) noexcept
+    float cylsm_times_factor(float e, float fh, float fl) noexcept
+    void cylsm_tile_times_factor(const float* e, float* t, Py_ssize_t n, Py_ssize_t v,
+                                 const float* fh, const float* fl) noexcept
 
 
 cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py_ssize_t ds,
@@ -1028,10 +1032,9 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
         for i in range(n):
             o[i] = (o[i] * scale) / S
     elif floating is float and float_factor_ok(fs):
-        fh = <float>fs
-        fl = <float>(fs - fh)
+        cylsm_split_factor(fs, &fh, &fl)
         for i in range(n):
-            o[i] = times_factor(o[i], fh, fl)
+            o[i] = cylsm_times_factor(o[i], fh, fl)
     else:
         for i in range(n):
             o[i] = <floating>(o[i] * f)
@@ -1039,22 +1042,10 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
 
 cdef inline bint float_factor_ok(double fs) noexcept nogil:
     """Whether scaled float exps (see unscale) may be multiplied by fs (and unscaled) in float
-    (times_factor): where the target has a fused multiply-add, fs is 0 or 2^-100 <= |fs| <=
+    (cylsm_times_factor): where the target has a fused multiply-add, fs is 0 or 2^-100 <= |fs| <=
     2^62 (not NaN): fs rounded is then a normal float, the rest loses at most 2^-50 of fs to
     float's subnormal grid, and no product of an exp (at most 2^64) with it overflows."""
     return CYLSM_FMA and (fs == 0.0 or 7.888609052210118e-31 <= fabs(fs) <= 4.611686018427388e18)
-
-
-cdef inline float times_factor(float e, float fh, float fl) noexcept nogil:
-    """e * fs * 2^-64 rounded to float, for a scaled exp e (see unscale) and fs = fh + fl a double
-    split into two floats (fh = fs rounded, fl the rest rounded): e * fh + e * fl in one fused
-    multiply-add, then the exact unscaling.  About 2^-47 of the product from the exact one
-    before its one rounding (a double product rounded to float is about 2^-53 from it), in
-    float lanes: twice as many as in double, and without the conversions.  The unscaling comes
-    last so that e * fl stays a normal float for every normal result (unscaled first, it fell
-    to float's subnormal grid below 2^-100 and cost such results up to 0.3 ulp); a subnormal
-    result is rounded twice (at most 3/4 of its spacing off)."""
-    return fmaf(e, fh, e * fl) * <float>CYLSM_UNSCALE
 
 
 cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, double* S,
@@ -1226,11 +1217,24 @@ cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n,
     (gradients g[0:R]) of the rows of a tile whose exps are E (n x V, relative to each row's
     maximum) and whose sums of them are S, as the kept rows of stats_row: E / S, and
     E * (g / S).  E is scaled (see unscale): the factors take the unscaling, which leaves every
-    product the same."""
+    product the same.  float data multiplies in float as kept_super does (cylsm_times_factor) when
+    every lane's factor allows it."""
     cdef double f[TILE]
+    cdef float fh[TILE]
+    cdef float fl[TILE]
     cdef Py_ssize_t k, j
     cdef Py_ssize_t V = tile_width(tw, <floating>0)
-    if op == OP_SOFTMAX:
+    cdef bint in_float = floating is float
+    if floating is float:
+        for j in range(V):
+            f[j] = 1.0 / S[j] if op == OP_SOFTMAX else g[j if j < R else R - 1] / S[j]
+            in_float = in_float & float_factor_ok(f[j])     # (&: a loop without branches)
+        if in_float:
+            for j in range(V):
+                cylsm_split_factor(f[j], &fh[j], &fl[j])
+    if floating is float and in_float:
+        cylsm_tile_times_factor(E, T, n, V, fh, fl)
+    elif op == OP_SOFTMAX:
         for j in range(V):
             f[j] = (1.0 / S[j]) * unscale(T[0])
         for k in range(n):

@@ -1,4 +1,5 @@
-/* Transposes of the tiles of short rows (see short_tile in _kernels.pxi):
+/* Transposes of the tiles of short rows (see short_tile in _kernels.pxi), and the scaling of
+ * a float tile's exps (cylsm_tile_times_factor, at the end):
  *
  *   dst[c * ds + r] = src[r * ss + c]   for r < rows, c < cols
  *
@@ -13,6 +14,8 @@
 #define CYLSM_TILE_H
 
 #include <stddef.h>
+#include <math.h>
+#include "cylsm_exp.h"      /* cylsm_bits */
 
 #ifndef CYLSM_SHUFFLES                /* (-DCYLSM_SHUFFLES=0 tries the element loop) */
 #if defined(__has_builtin)
@@ -133,5 +136,51 @@ static inline void cylsm_block_f64(const double *s, ptrdiff_t ss, double *d, ptr
     }
 CYLSM_TRANSPOSE(cylsm_transpose_f32, float, CYLSM_FB, cylsm_block_f32)
 CYLSM_TRANSPOSE(cylsm_transpose_f64, double, CYLSM_DB, cylsm_block_f64)
+
+/* fs (float_factor_ok in _kernels.pxi: 0 or 2^-100 <= |fs| <= 2^62) as *fh + *fl for
+ * cylsm_times_factor: *fh is fs cut to float's 24 bits (toward zero, exactly a float), *fl the
+ * rest rounded, a zero of fh's sign where the rest is 0.  A zero exp (an underflow) then gives a
+ * zero of fs's sign, as the product e * fs does (fs rounded to nearest left a rest of the other
+ * sign half the time, and the fused sum of two zero products of opposite signs is +0: where
+ * logsumexp_backward's gradient was negative).  (nextafterf, a libm call per row of a tile,
+ * made float32 softmax over rows of 32 1.3x slower.) */
+static inline void cylsm_split_factor(double fs, float *fh, float *fl)
+{
+    cylsm_bits b;
+    b.d = fs;
+    b.u &= ~(uint64_t)0x1fffffff;           /* the 29 bits a double has beyond a float */
+    *fh = (float)b.d;
+    *fl = copysignf((float)(fs - b.d), *fh);
+}
+
+/* e * fs * 2^-64 rounded to float, for a scaled exp e (see unscale in _kernels.pxi) and fs =
+ * fh + fl a double split into two floats (split_factor): e * fh + e * fl in one fused
+ * multiply-add, then the exact unscaling.  About 2^-46 of the product from the exact one before
+ * its one rounding (a double product rounded to float is about 2^-53 from it), in float lanes:
+ * twice as many as in double, and without the conversions.  The unscaling comes last so that
+ * e * fl stays a normal float for every normal result (unscaled first, it fell to float's
+ * subnormal grid below 2^-100 and cost such results up to 0.3 ulp); a subnormal result is
+ * rounded twice (at most 3/4 of its spacing off).  Used only where CYLSM_FMA (float_factor_ok). */
+static inline float cylsm_times_factor(float e, float fh, float fl)
+{
+    return fmaf(e, fh, e * fl) * (float)0x1p-64;
+}
+
+/* t[k * v + j] = cylsm_times_factor(e[k * v + j], fh[j], fl[j]) for k < n, j < v: a tile's
+ * outputs (kept_tile).  The loop over j is kept as it is: unrolled (v is a constant where this
+ * is inlined), GCC vectorized the loop over k instead, through 16-way interleaving permutes
+ * that took a quarter of float32 softmax's time on rows of 32. */
+static inline void cylsm_tile_times_factor(const float *e, float *t, ptrdiff_t n, ptrdiff_t v,
+                                           const float *fh, const float *fl)
+{
+    ptrdiff_t k, j;
+    for (k = 0; k < n; k++) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 1
+#endif
+        for (j = 0; j < v; j++)
+            t[k * v + j] = cylsm_times_factor(e[k * v + j], fh[j], fl[j]);
+    }
+}
 
 #endif

@@ -266,6 +266,23 @@ def test_logsumexp_backward_float_factor(lsm, n):
         assert_array_equal(lsm.logsumexp_backward(g[i], x[i]), dx[i], err_msg=f"row {i}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 32, 300, 5000])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_logsumexp_backward_underflow_keeps_the_gradients_sign(lsm, dtype, n, axis):
+    """An exp that underflows to 0 gives g * 0: -0 where g < 0, on every kernel (short rows,
+    rows, columns) as in NumPy: float32's fused product once made +0 of it on some rows."""
+    x = np.zeros((3, n), dtype)
+    x[:, 1] = -2000.0
+    g = np.array([-2.0, 3.0, -0.5], dtype)
+    if axis == 0:
+        x = np.ascontiguousarray(x.T)
+    dx = lsm.logsumexp_backward(g, x, axis=axis)
+    tiny = dx[:, 1] if axis == 1 else dx[1, :]
+    assert_array_equal(tiny, [0.0, 0.0, 0.0])
+    assert_array_equal(np.signbit(tiny), np.signbit(g))
+
+
 # ------------------------------------------------------------------------------------------
 # -inf rows, +inf rows, empty
 
