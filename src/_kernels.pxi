@@ -30,8 +30,8 @@ read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTE
 rows, store the exps of the sum pass and rescale them instead of a second exp.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport log1p, log, fabs, fmaf, copysign, INFINITY, NAN
-from libc.stdint cimport int32_t, int64_t
+from libc.math cimport log1p, log, fabs, fma, fmaf, copysign, INFINITY, NAN
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from cpython.ref cimport Py_INCREF
@@ -114,8 +114,9 @@ cdef inline floating exp_value(floating r, floating s) noexcept nogil:
 
 
 cdef inline floating exp_value_scaled(floating r, floating s) noexcept nogil:
-    """exp_value scaled for a sum: times 2^64 for float data (exp_value itself), 2^600 for
-    double; sum_unscale undoes it."""
+    """exp_value scaled for a sum or to be stored (softmax and logsumexp_backward keep their
+    exps): times 2^64 for float data (exp_value itself), 2^600 for double; sum_unscale undoes
+    it."""
     if floating is float:
         return cylsm_expf_nonpos_scaled_value(r, s)
     else:
@@ -131,7 +132,9 @@ cdef inline floating exp_diff_scaled(floating a, floating b) noexcept nogil:
 
 cdef inline double sum_unscale(floating kind) noexcept nogil:
     """What turns a sum of exp_value_scaled results into its value (exactly, but where that is
-    below 2^-1022); for float data unscale's 2^-64."""
+    below 2^-1022); for float data unscale's 2^-64.  Scaled, an exp is never subnormal: it is
+    rounded once (by the unscaling of the total, or of the output it is a factor of), not once
+    per term, and no subnormal operand slows the arithmetic."""
     if floating is float:
         return CYLSM_UNSCALE
     else:
@@ -227,6 +230,15 @@ cdef inline double exp_diff2(double a, double b, double c) noexcept nogil:
     cdef double d = cylsm_two_diff(a, b, &lo1)
     d = cylsm_two_diff(d, c, &lo2)
     return cylsm_exp_nonpos(d, lo1 + lo2)
+
+cdef inline floating* align64(floating* p) noexcept nogil:
+    """p rounded up to a multiple of 64 bytes (a buffer declared 64 bytes longer than it needs).
+    As plain local arrays, the tile buffers of short rows got whatever alignment the frame
+    layout gave them: moved by 40 bytes from a cache line's start, the tile made float64
+    logsumexp over rows of 32 1.38x slower (measured by offsetting it element by element:
+    0, 64 and 96 bytes alike fast, 8-56 slow)."""
+    return <floating*>((<uintptr_t>p + 63) & ~(<uintptr_t>63))
+
 
 cdef extern from "cylsm_tile.h" nogil:
     void cylsm_transpose_f32(const float* src, Py_ssize_t ss, float* dst, Py_ssize_t ds,
@@ -466,7 +478,7 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
     float64 with kind short: every addition keeps its rounding error, in comp (see
     add_exact); else comp is 0.
     When store is not NULL (not with kind short), each exp is also stored at store[k*s + j], in
-    the data type and scaled as the sums are (float: exact, never subnormal, so that a large
+    the data type and scaled as the sums are (see sum_unscale: never subnormal, so that a large
     factor does not bring out the rounding of a subnormal); in a column whose m is not finite,
     the column itself is stored instead (then it is there for the output formula even when
     store is p).
@@ -515,14 +527,14 @@ cdef inline void panel_sumexp(const floating* p, Py_ssize_t K, Py_ssize_t w, Py_
                 prefetch_panel_row(row + JB)
                 for j in range(w):
                     v = row[j]
-                    es = exp_diff_s(v, m[j])
+                    es = exp_diff_scaled(v, m[j])
                     srow[j] = es if -INFINITY < m[j] < INFINITY else v
                     part[j] += kept_term(es, v, m[j])
         for j in range(w):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
     for j in range(w):
-        tot[j] = (tot[j] + comp[j]) * (sum_unscale(m[0]) if store == NULL else unscale(m[0]))
+        tot[j] = (tot[j] + comp[j]) * sum_unscale(m[0])
         comp[j] = 0.0
 
 
@@ -671,9 +683,9 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
     each and are counted apart, so that the small terms are never rounded against them), in W
     lanes, added to compensated lane totals after each run of groups (float64: RUN64 groups;
     float32, accumulated in double: the whole block); the lanes are combined with TwoSum.
-    Every exp is also stored in store[i] (scaled, see unscale) when store is not NULL; float
-    data then sums the maxima too (kept_term).  The lane sums are local arrays, so they stay in
-    registers (through a pointer they would make a round trip to memory at every step; GCC
+    The exps are scaled (see sum_unscale) and also stored in store[i] when store is not NULL;
+    float data then sums the maxima too (kept_term).  The lane sums are local arrays, so they
+    stay in registers (through a pointer they would make a round trip to memory at every step; GCC
     still spills some of the float32 ones to the stack).  ahead[0:n] is prefetched for reading
     and ahead_w[0:n] for writing along the way, so that the memory traffic of the next row
     overlaps the arithmetic of this one (callers with nothing to fetch point them at the data
@@ -721,7 +733,7 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
                     for j in range(W):
                         k = (g - c0) * W + j
                         v = x[g * W + j]                # read first: store may be x
-                        es = exp_value(R[k], Sc[k])     # stored scaled: see kept_super
+                        es = exp_value_scaled(R[k], Sc[k])
                         store[g * W + j] = es
                         acc[j] += kept_term(es, v, mx)
             c0 = c1
@@ -732,17 +744,17 @@ cdef inline double block_sumexp(const floating* x, Py_ssize_t n, floating mx, fl
         for j in range(W):
             i = ng * W + j
             v = x[i] if i < n else mx
-            e = exp_diff_scaled(v, mx) if store == NULL else exp_diff_s(v, mx)
+            e = exp_diff_scaled(v, mx)
             acc[j] = 0.0 if v == mx and (store == NULL or kept_ones(v) or i >= n) else e
         for j in range(W):
             two_sum_add(&tot[j], &comp[j], acc[j])
         if store != NULL:
             for i in range(ng * W, n):
-                store[i] = exp_diff_s(x[i], mx)
+                store[i] = exp_diff_scaled(x[i], mx)
     for j in range(W):
         two_sum_add(&t, &c, tot[j])
         c += comp[j]
-    return (t + c) * (sum_unscale(mx) if store == NULL else unscale(mx))
+    return (t + c) * sum_unscale(mx)
 
 
 cdef inline void prefetch_group(const floating* r, const floating* w) noexcept nogil:
@@ -971,13 +983,45 @@ cdef enum:
 
 
 cdef inline floating normalize(double e, double S, double R, floating kind) noexcept nogil:
-    """e / S in the data type (that of kind, whose value is not used).  float32 data
-    multiplies by R = 1/S in double: the product is within 2^-52 of the quotient, far below
-    float32's rounding, and a division costs several times more.  float64 data divides."""
+    """e / S in the data type (that of kind, whose value is not used), for an exp e scaled as
+    the sums are (see sum_unscale) and R = (1 / S) * unscale(kind).  float32 data multiplies by
+    R in double: the product is within 2^-52 of the quotient, far below float32's rounding, and
+    a division costs several times more.  float64 data takes the correctly rounded quotient
+    (kept_quotient)."""
     if floating is float:
         return <float>(e * R)
     else:
-        return e / S
+        return kept_quotient(e, S, R)
+
+
+cdef inline double kept_quotient(double e, double S, double R) noexcept nogil:
+    """(e / S) * 2^-600 for a double exp e scaled as the sums are (see sum_unscale) and a sum
+    S >= 1, R = 1/S rounded: e / S correctly rounded, then unscaled (a subnormal result is
+    rounded once more, within 3/4 of its spacing; unscaled, the exps were rounded there before
+    the division).  Where the target has a fused multiply-add, e * R corrected once: by
+    Markstein's theorem, q = e R is within an ulp of e / S and R within half an ulp of 1 / S,
+    so q + (e - q S) R (the remainder exact, by the fma) rounds to e / S, when nothing
+    underflows; scaled, nothing does where the result is not 0 (e / S >= 2^-476, e and the
+    remainder normal).  Checked against division on 2e8 pairs, midpoints included.  A
+    division costs several times more: float64 softmax rows take 0.90 of the time."""
+    cdef double q, r
+    if CYLSM_FMA:
+        q = e * R
+        r = fma(-q, S, e)
+        return fma(r, R, q) * CYLSM_UNSCALE64
+    return (e / S) * CYLSM_UNSCALE64
+
+
+cdef inline void kept_factors(double fs, floating kind, double* a, double* b) noexcept nogil:
+    """a and b such that (e * a) * b is e * fs unscaled, for a stored exp e (scaled, see
+    sum_unscale) of the data type of kind: a = fs * 2^-64 and b = 1 for float data; for double
+    the same with 2^-600 where that product is normal (|fs| >= 2^-422), else a = fs and b =
+    2^-600 (fs * 2^-600 would lose bits to the subnormal range, or all of them)."""
+    a[0] = fs * sum_unscale(kind)
+    b[0] = 1.0
+    if floating is double and fabs(fs) < 9.232978617785736e-128:   # 2^-422
+        a[0] = fs
+        b[0] = CYLSM_UNSCALE64
 
 
 cdef void stats_row(int op, const floating* x, const floating* g, floating* out,
@@ -1019,29 +1063,30 @@ cdef inline void kept_super(int op, floating* o, Py_ssize_t n, double scale, dou
                             floating gr) noexcept nogil:
     """The output of a kept superblock of n (stats_row): its exps exp(x - m) in o, scale =
     exp(m - M), S the row's sum of exp(x - M): o * scale / S, times gr for logsumexp_backward.
-    The exps are scaled (see unscale: for float data never subnormal, so that a large gr does
-    not bring out a subnormal's rounding); f takes the unscaling (fs: the factor without it)."""
+    The exps are scaled (see sum_unscale: never subnormal, so that a large gr does not bring out
+    a subnormal's rounding); the factors take the unscaling (fs: the factor without it)."""
     cdef Py_ssize_t i
     cdef double fs = (1.0 / S) * scale if op == OP_SOFTMAX else scale * (gr / S)
-    cdef double f = fs * unscale(gr)
+    cdef double a, b, R = 1.0 / S
     cdef float fh, fl
     if scale == 0.0:     # m == -inf: nothing was stored; or the terms underflow
         for i in range(n):
             o[i] = 0.0
-    elif op == OP_SOFTMAX and floating is double:   # divides, as normalize (o * 1.0 is o)
+    elif op == OP_SOFTMAX and floating is double:   # the quotient, as normalize (o * 1.0 is o)
         for i in range(n):
-            o[i] = (o[i] * scale) / S
+            o[i] = kept_quotient(o[i] * scale, S, R)
     elif floating is float and float_factor_ok(fs):
         cylsm_split_factor(fs, &fh, &fl)
         for i in range(n):
             o[i] = cylsm_times_factor(o[i], fh, fl)
     else:
+        kept_factors(fs, gr, &a, &b)
         for i in range(n):
-            o[i] = <floating>(o[i] * f)
+            o[i] = <floating>((o[i] * a) * b)
 
 
 cdef inline bint float_factor_ok(double fs) noexcept nogil:
-    """Whether scaled float exps (see unscale) may be multiplied by fs (and unscaled) in float
+    """Whether scaled float exps (see sum_unscale) may be multiplied by fs (and unscaled) in float
     (cylsm_times_factor): where the target has a fused multiply-add, fs is 0 or 2^-100 <= |fs| <=
     2^62 (not NaN): fs rounded is then a normal float, the rest loses at most 2^-50 of fs to
     float's subnormal grid, and no product of an exp (at most 2^64) with it overflows."""
@@ -1053,7 +1098,7 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
     """col_stats of the V = tile_width(tw, ...) columns of T (n x V, contiguous, n < SHORT; Q as
     there), with the width fixed at compile time so that the lanes stay in registers.  Each
     lane's arithmetic is the same at either width: the same bits.  When E is not NULL, the exps
-    of the sum pass are stored there (as T, scaled: see unscale), and float data sums the
+    of the sum pass are stored there (as T, scaled: see sum_unscale), and float data sums the
     maxima too (see kept_term).  kind: see
     panel_sumexp."""
     cdef floating m[TILE]
@@ -1135,10 +1180,13 @@ cdef void tile_stats(const floating* T, Py_ssize_t n, double* M, double* L, doub
                     for j in range(V):
                         i = (k - c0) * V + j
                         v = T[k * V + j]
-                        e = exp_value(Ra[i], Sc[i])
+                        e = exp_value_scaled(Ra[i], Sc[i])
                         E[k * V + j] = e
                         part[j] += kept_term(e, v, m[j])
             c0 = c1
+        if floating is double and E != NULL:    # (unscaled here: at the end, the loop
+            for j in range(V):                  # above went scalar; the kept exps' sums
+                part[j] *= sum_unscale(m[0])    # are at least 1, with the maxima)
         for j in range(V):
             two_sum_add(&tot[j], &comp[j], part[j])
         k0 = k1
@@ -1173,8 +1221,10 @@ cdef void stats_short_rows(int op, const floating* x, const floating* g, floatin
 cdef inline void short_tile(int op, const floating* x, const floating* g, floating* out,
                             Py_ssize_t R, Py_ssize_t n, lanes tw) noexcept nogil:
     """stats_short_rows in a tile of V = tile_width(tw, ...) >= R lanes."""
-    cdef floating T[SHORT * TILE]
-    cdef floating E[SHORT * TILE]
+    cdef floating Tb[SHORT * TILE + 16]     # T and E at 64 bytes (see align64)
+    cdef floating Eb[SHORT * TILE + 16]
+    cdef floating* T = align64(&Tb[0])
+    cdef floating* E = align64(&Eb[0])
     cdef double M[TILE]
     cdef double L[TILE]
     cdef double S[TILE]
@@ -1192,7 +1242,7 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
     if op == OP_LOGSUMEXP:
         tile_stats(T, n, M, L, S, Q, <floating*>NULL, <short>0, tw)
     else:
-        tile_stats(T, n, M, L, S, <double*>NULL, &E[0] if keep else <floating*>NULL, <char>0, tw)
+        tile_stats(T, n, M, L, S, <double*>NULL, E if keep else <floating*>NULL, <char>0, tw)
     if keep:            # the outputs, across the rows (vectorized), into T; then transposed
         kept_tile(op, E, T, n, g, R, S, tw)
         for r in range(R):
@@ -1216,15 +1266,17 @@ cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n,
     """OUT T (n x V, V = tile_width(tw, ...)): softmax (op OP_SOFTMAX) or logsumexp_backward
     (gradients g[0:R]) of the rows of a tile whose exps are E (n x V, relative to each row's
     maximum) and whose sums of them are S, as the kept rows of stats_row: E / S, and
-    E * (g / S).  E is scaled (see unscale): the factors take the unscaling, which leaves every
-    product the same.  float data multiplies in float as kept_super does (cylsm_times_factor) when
-    every lane's factor allows it."""
+    E * (g / S).  E is scaled (see sum_unscale): the factors take the unscaling.  float data
+    multiplies in float as kept_super does (cylsm_times_factor) when every lane's factor allows
+    it."""
     cdef double f[TILE]
+    cdef double b[TILE]
     cdef float fh[TILE]
     cdef float fl[TILE]
     cdef Py_ssize_t k, j
     cdef Py_ssize_t V = tile_width(tw, <floating>0)
     cdef bint in_float = floating is float
+    cdef bint one = True
     if floating is float:
         for j in range(V):
             f[j] = 1.0 / S[j] if op == OP_SOFTMAX else g[j if j < R else R - 1] / S[j]
@@ -1242,10 +1294,16 @@ cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n,
                 T[k * V + j] = normalize(E[k * V + j], S[j], f[j], T[0])
     else:
         for j in range(V):
-            f[j] = (g[j if j < R else R - 1] / S[j]) * unscale(T[0])
-        for k in range(n):
-            for j in range(V):
-                T[k * V + j] = <floating>(E[k * V + j] * f[j])
+            kept_factors(g[j if j < R else R - 1] / S[j], T[0], &f[j], &b[j])
+            one = one & (b[j] == 1.0)
+        if one:         # (as it nearly always is: a product less per element)
+            for k in range(n):
+                for j in range(V):
+                    T[k * V + j] = <floating>(E[k * V + j] * f[j])
+        else:
+            for k in range(n):
+                for j in range(V):
+                    T[k * V + j] = <floating>((E[k * V + j] * f[j]) * b[j])
 
 
 cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
@@ -1295,8 +1353,8 @@ cdef bint log_softmax_grad_float(const float* y, const float* g, float* out, Py_
 
 cdef void softmax_output(const floating* x, floating* out, Py_ssize_t n, floating M, double S,
                          double R) noexcept nogil:
-    """softmax's output exp(x - M) / S for a row (or superblock) whose exps were not kept (R: 1/S
-    scaled as the exps are, see unscale): the arguments, then the exps, SPLIT at a time as in
+    """softmax's output exp(x - M) / S for a row (or superblock) whose exps were not kept (R: as
+    normalize takes it): the arguments, then the exps, SPLIT at a time as in
     block_sumexp (1x16M: 0.90-0.93 of the time).  Out of line: its buffers in row_output, which
     every row of the other ops calls, made short rows of the backward ops 9-16% slower.  (The
     same for logsumexp_backward's long rows, 0.89-0.94, made softmax_backward's short rows 3%
@@ -1311,7 +1369,7 @@ cdef void softmax_output(const floating* x, floating* out, Py_ssize_t n, floatin
             Ra[i - i0] = exp_arg(x[i], M, &sc)
             Sc[i - i0] = sc
         for i in range(i0, i1):
-            out[i] = normalize(exp_value(Ra[i - i0], Sc[i - i0]), S, R, sc)
+            out[i] = normalize(exp_value_scaled(Ra[i - i0], Sc[i - i0]), S, R, sc)
         i0 = i1
 
 
@@ -1400,7 +1458,7 @@ cdef void stats_cols(int op, const floating* x, const floating* g, floating* out
         return
     col_stats(x, n, w, s, M, L, S, <double*>NULL, <floating*>NULL, <char>0)
     for j in range(w):
-        R[j] = (1.0 / S[j]) * unscale(x[0])     # panel_output's exps are scaled (see unscale)
+        R[j] = (1.0 / S[j]) * unscale(x[0])     # (see normalize)
     if op == OP_LOGSUMEXP_BACKWARD:
         for j in range(w):
             S[j] = g[j]             # S now holds the upstream gradient (float: times exp(-L),
@@ -1422,35 +1480,43 @@ cdef void kept_cols(int op, const floating* x, const floating* g, floating* out,
     cdef double L[JB]
     cdef double S[JB]
     cdef double F[JB]
+    cdef double B[JB]
     cdef Py_ssize_t j
     col_stats(x, n, w, s, M, L, S, <double*>NULL, out, <char>0)
-    for j in range(w):      # what a kept (scaled) column is multiplied by (float64 softmax:
-        F[j] = ((S[j] if floating is double else (1.0 / S[j]) * unscale(x[0]))   # divided by)
-                if op == OP_SOFTMAX else (g[j] / S[j]) * unscale(x[0]))
+    for j in range(w):      # the factors of a kept (scaled) column (see panel_kept)
+        if op == OP_SOFTMAX:
+            F[j] = (1.0 / S[j]) * unscale(x[0])
+        else:
+            kept_factors(g[j] / S[j], x[0], &F[j], &B[j])
         if S[j] != S[j]:    # the max is not finite (S is NaN): out holds x's column
             special_column(op, out + j, n, s, M[j], L[j],
                            g[j] if op == OP_LOGSUMEXP_BACKWARD else 0.0)
-            F[j] = 1.0
+            F[j] = 1.0      # (softmax's is NaN throughout, as normalize leaves it)
+            B[j] = 1.0
     if w == JB:
-        panel_kept(op, out, n, JB, s, F)
+        panel_kept(op, out, n, JB, s, S, F, B)
     else:
-        panel_kept(op, out, n, w, s, F)
+        panel_kept(op, out, n, w, s, S, F, B)
 
 
 cdef inline void panel_kept(int op, floating* out, Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                            const double* F) noexcept nogil:
-    """The output pass of stats_cols over the exps it kept in out: times F[j], or for float64
-    softmax divided by F[j]; softmax gives the same bits as panel_output (see normalize)."""
+                            const double* S, const double* F, const double* B) noexcept nogil:
+    """The output pass of stats_cols over the exps it kept in out: softmax normalizes them by
+    S[j] (F[j]: R as normalize takes it), the same bits as panel_output; logsumexp_backward
+    multiplies them by F[j], then for float64 by B[j] (see kept_factors)."""
     cdef Py_ssize_t i, j
     cdef floating* orow
     for i in range(n):
         orow = out + i * s
-        if op == OP_SOFTMAX and floating is double:
+        if op == OP_SOFTMAX:
             for j in range(w):
-                orow[j] = orow[j] / F[j]
-        else:
+                orow[j] = normalize(orow[j], S[j], F[j], orow[0])
+        elif floating is float:
             for j in range(w):
                 orow[j] = <floating>(orow[j] * F[j])
+        else:
+            for j in range(w):
+                orow[j] = (orow[j] * F[j]) * B[j]
 
 
 cdef void special_column(int op, floating* o, Py_ssize_t n, Py_ssize_t s, double M, double L,
@@ -1479,9 +1545,9 @@ cdef inline void panel_output(int op, const floating* x, floating* out, Py_ssize
         if op == OP_LOG_SOFTMAX:
             for j in range(w):
                 orow[j] = <floating>((xr[j] - M[j]) - L[j])
-        elif op == OP_SOFTMAX:      # R[j] is scaled as the exps are (see unscale)
+        elif op == OP_SOFTMAX:      # R[j]: as normalize takes it
             for j in range(w):
-                orow[j] = normalize(exp_diff_s(xr[j], <floating>M[j]), S[j], R[j], xr[0])
+                orow[j] = normalize(exp_diff_scaled(xr[j], <floating>M[j]), S[j], R[j], xr[0])
         elif floating is float:     # S[j] holds grad * exp(-L), scaled as the exps are
             for j in range(w):
                 orow[j] = <floating>(S[j] * exp_diff_s(xr[j], <floating>M[j]))
