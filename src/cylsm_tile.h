@@ -154,7 +154,7 @@ static inline void cylsm_split_factor(double fs, float *fh, float *fl)
 }
 
 /* e * fs * 2^-64 rounded to float, for a scaled exp e (see unscale in _kernels.pxi) and fs =
- * fh + fl a double split into two floats (split_factor): e * fh + e * fl in one fused
+ * fh + fl a double split into two floats (cylsm_split_factor): e * fh + e * fl in one fused
  * multiply-add, then the exact unscaling.  About 2^-46 of the product from the exact one before
  * its one rounding (a double product rounded to float is about 2^-53 from it), in float lanes:
  * twice as many as in double, and without the conversions.  The unscaling comes last so that
