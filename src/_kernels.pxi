@@ -1276,7 +1276,6 @@ cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n,
     cdef Py_ssize_t k, j
     cdef Py_ssize_t V = tile_width(tw, <floating>0)
     cdef bint in_float = floating is float
-    cdef bint one = True
     if floating is float:
         for j in range(V):
             f[j] = 1.0 / S[j] if op == OP_SOFTMAX else g[j if j < R else R - 1] / S[j]
@@ -1295,15 +1294,9 @@ cdef inline void kept_tile(int op, const floating* E, floating* T, Py_ssize_t n,
     else:
         for j in range(V):
             kept_factors(g[j if j < R else R - 1] / S[j], T[0], &f[j], &b[j])
-            one = one & (b[j] == 1.0)
-        if one:         # (as it nearly always is: a product less per element)
-            for k in range(n):
-                for j in range(V):
-                    T[k * V + j] = <floating>(E[k * V + j] * f[j])
-        else:
-            for k in range(n):
-                for j in range(V):
-                    T[k * V + j] = <floating>((E[k * V + j] * f[j]) * b[j])
+        for k in range(n):
+            for j in range(V):
+                T[k * V + j] = <floating>((E[k * V + j] * f[j]) * b[j])
 
 
 cdef inline bint nonpositive(const float* y, Py_ssize_t n) noexcept nogil:
