@@ -192,7 +192,8 @@ def extensions() -> list[Extension]:
         "embedsignature": True,
         "autotestdict": False,
         # The kernels keep no mutable module state (OPS and the numpy functions are set once at
-        # import) and release nothing shared: safe to run without the GIL (free-threaded 3.14t).
+        # import) but the buffer cache, which a lock guards (src/cylsm_buffers.h): safe to run
+        # without the GIL (free-threaded 3.14t).
         "freethreading_compatible": True,
     }
     libraries = [] if sys.platform == "win32" else ["m"]
@@ -209,7 +210,7 @@ def extensions() -> list[Extension]:
                            ("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             libraries=libraries,
             depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h",
-                     "src/cylsm_tile.h"],
+                     "src/cylsm_tile.h", "src/cylsm_buffers.h"],
         )
         for level in levels
     ]

@@ -220,7 +220,8 @@ class _Layout:
 
     def empty(self, cdt: np.dtype) -> np.ndarray:
         """A new array of the full shape that fits this layout."""
-        return np.empty(self.pshape, cdt).transpose(self.inverse)
+        a: np.ndarray = _K.empty(self.pshape, cdt)    # (large ones: the compiled buffer cache)
+        return a.transpose(self.inverse)
 
     def strided3(self, a: np.ndarray) -> np.ndarray:
         """``a`` (full shape, any strides: a broadcast ``b`` or mask) as an (outer, n, inner)

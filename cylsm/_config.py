@@ -31,6 +31,11 @@ def config() -> dict[str, Any]:
     }
     if K.NAME != "python":
         info.update(K.build_info())
+        cache = K.buffer_cache()
+        info["buffer cache"] = (
+            f"keeps freed outputs of {cache['min'] >> 20} MiB or more for reuse, up to "
+            f"{cache['limit'] / 2**20:g} MiB (CYLSM_BUFFER_CACHE_MB); holds {cache['count']} "
+            f"({cache['held'] / 2**20:.1f} MiB)")
     else:
         try:
             _select.load("compiled")

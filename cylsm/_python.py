@@ -17,6 +17,8 @@ NaN, else 0, and S = NaN: the same formulas then give the special values of SPEC
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 NAME = "python"
@@ -38,6 +40,11 @@ def openmp_enabled() -> bool:
 
 def max_threads() -> int:
     return 1
+
+
+def empty(shape: Any, dtype: Any) -> np.ndarray:
+    """A new array for a result (the compiled backends reuse the memory of large ones)."""
+    return np.empty(shape, dtype)
 
 
 def _compute(a: np.ndarray) -> np.ndarray:

@@ -1883,6 +1883,91 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
 
 
 # ---------------------------------------------------------------------------------------------
+# New outputs of CYLSM_BUFFER_MIN bytes or more: memory kept from freed ones (cylsm_buffers.h).
+
+cdef extern from "cylsm_buffers.h":
+    const size_t CYLSM_BUFFER_MIN
+    cnp.PyDataMem_Handler cylsm_handler
+    int cylsm_buffers_init(size_t limit, int hugepages) noexcept
+    void cylsm_buffers_stats(size_t* numbers) noexcept
+
+from cpython.pycapsule cimport PyCapsule_New
+
+_BUFFER_CACHE_MB = 256   # default of CYLSM_BUFFER_CACHE_MB
+
+
+def _buffer_limit():
+    """Bytes of freed output buffers to keep: CYLSM_BUFFER_CACHE_MB (MiB), else the default."""
+    import os
+    text = os.environ.get("CYLSM_BUFFER_CACHE_MB", "").strip()
+    if not text:
+        return _BUFFER_CACHE_MB << 20
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb <= 1 << 30:
+        raise ValueError(
+            f"CYLSM_BUFFER_CACHE_MB={text!r} is not a size in MiB; expected a number from 0 "
+            f"(keep no freed outputs) to {1 << 30} (the default is {_BUFFER_CACHE_MB})")
+    return int(mb * (1 << 20))
+
+
+def _numpy_hugepages():
+    """Does NumPy advise its large arrays as transparent huge pages (its default on Linux)?"""
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return bool(__import__(name, fromlist=["_"])._get_madvise_hugepage())
+        except (ImportError, AttributeError):
+            pass
+    return False
+
+
+cdef size_t _buffer_cache_limit = _buffer_limit()
+if cylsm_buffers_init(_buffer_cache_limit, _numpy_hugepages()) != 0:
+    raise MemoryError("cylsm: could not allocate the lock of its buffer cache")
+cdef object _handler = PyCapsule_New(<void*>&cylsm_handler, "mem_handler", NULL)
+
+
+def buffer_cache():
+    """The buffer cache's figures: limit and held (bytes), count (buffers held), reused and
+    fresh (outputs of at least min bytes given a kept buffer or new memory) and min."""
+    cdef size_t v[5]
+    cylsm_buffers_stats(v)
+    return {"limit": v[0], "held": v[1], "count": v[2], "reused": v[3], "fresh": v[4],
+            "min": CYLSM_BUFFER_MIN}
+
+
+cdef cnp.ndarray new_array(int nd, cnp.npy_intp* shape, int t):
+    """PyArray_EMPTY(nd, shape, t), from the buffer cache when it is that large."""
+    cdef cnp.ndarray a
+    cdef size_t nbytes = 4 if t == cnp.NPY_FLOAT else 8
+    cdef int i
+    for i in range(nd):
+        nbytes *= <size_t>shape[i]
+    if nbytes < CYLSM_BUFFER_MIN or _buffer_cache_limit == 0:
+        return <cnp.ndarray>cnp.PyArray_EMPTY(nd, shape, t, 0)
+    previous = cnp.PyDataMem_SetHandler(_handler)
+    try:
+        a = <cnp.ndarray>cnp.PyArray_EMPTY(nd, shape, t, 0)
+    finally:
+        cnp.PyDataMem_SetHandler(previous)
+    return a
+
+
+def empty(shape, dtype):
+    """numpy.empty(shape, dtype) of float32/float64, from the buffer cache when that large."""
+    cdef cnp.npy_intp dims[cnp.NPY_MAXDIMS]
+    cdef int i, nd = len(shape)
+    cdef int t = numpy.dtype(dtype).num
+    if nd > cnp.NPY_MAXDIMS or (t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE):
+        return numpy.empty(shape, dtype)
+    for i in range(nd):
+        dims[i] = shape[i]
+    return new_array(nd, dims, t)
+
+
+# ---------------------------------------------------------------------------------------------
 # The common call, with as little as possible between Python and the loops (no fused-function
 # dispatch, no memoryviews): one C-contiguous native float32/float64 array, reduced over its
 # last axis (log_softmax, softmax, logsumexp) or over all of it (logsumexp).
@@ -2019,7 +2104,7 @@ def fast(int op, x, bint all_axes=False, out=None, g=None, axis=-1):
             dims[i] = shape[i + (i >= k)]
         ao = <cnp.ndarray>cnp.PyArray_EMPTY(nd - 1 if k >= 0 else 0, dims, t, 0)
     else:
-        ao = <cnp.ndarray>cnp.PyArray_EMPTY(nd, shape, t, 0)
+        ao = new_array(nd, shape, t)
     if k < 0:
         n = size
     else:
