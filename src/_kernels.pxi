@@ -37,6 +37,8 @@ from libc.string cimport memcpy
 from cpython.ref cimport Py_INCREF
 cimport numpy as cnp
 
+import os as _os
+
 import numpy
 
 cnp.import_array()
@@ -249,6 +251,7 @@ cdef extern from "cylsm_tile.h" nogil:
     float cylsm_times_factor(float e, float fh, float fl) noexcept
     void cylsm_tile_times_factor(const float* e, float* t, Py_ssize_t n, Py_ssize_t v,
                                  const float* fh, const float* fl) noexcept
+    double cylsm_sum_lanes16(const double* acc) noexcept
 
 
 cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py_ssize_t ds,
@@ -289,7 +292,7 @@ cdef extern from *:
 cylsm_fork_guard()
 
 cdef enum:
-    W = 16            # lanes of a row kernel
+    W = 16            # lanes of a row kernel (cylsm_sum_lanes16 adds them)
     BLOCK = 2048      # elements of a row summed in lanes before the compensated add
     SUPER = 131072    # elements of a row reduced by one thread (a multiple of BLOCK)
     KEEP_BYTES = 8388608  # softmax and logsumexp_backward rows (and panels of JB columns) up
@@ -1566,12 +1569,7 @@ cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n)
         for b in range(nb):
             for j in range(W):
                 acc[j] += <double>g[b * W + j] * <double>q[b * W + j]
-    for j in range(W // 2):     # a fixed pairwise order
-        acc[j] += acc[j + W // 2]
-    for j in range(W // 4):
-        acc[j] += acc[j + W // 4]
-    for j in range(W // 4):
-        t += acc[j]
+    t = cylsm_sum_lanes16(acc)  # a fixed pairwise order (W == 16)
     for i in range(nb * W, n):
         t += g[i] if q == NULL else <double>g[i] * <double>q[i]
     return t
@@ -1889,6 +1887,7 @@ cdef extern from "cylsm_buffers.h":
     const size_t CYLSM_BUFFER_MIN
     cnp.PyDataMem_Handler cylsm_handler
     int cylsm_buffers_init(size_t limit, int hugepages) noexcept
+    int cylsm_buffers_after_fork() noexcept
     void cylsm_buffers_stats(size_t* numbers) noexcept
 
 from cpython.pycapsule cimport PyCapsule_New
@@ -1898,8 +1897,7 @@ _BUFFER_CACHE_MB = 256   # default of CYLSM_BUFFER_CACHE_MB
 
 def _buffer_limit():
     """Bytes of freed output buffers to keep: CYLSM_BUFFER_CACHE_MB (MiB), else the default."""
-    import os
-    text = os.environ.get("CYLSM_BUFFER_CACHE_MB", "").strip()
+    text = _os.environ.get("CYLSM_BUFFER_CACHE_MB", "").strip()
     if not text:
         return _BUFFER_CACHE_MB << 20
     try:
@@ -1926,6 +1924,15 @@ def _numpy_hugepages():
 cdef size_t _buffer_cache_limit = _buffer_limit()
 if cylsm_buffers_init(_buffer_cache_limit, _numpy_hugepages()) != 0:
     raise MemoryError("cylsm: could not allocate the lock of its buffer cache")
+
+
+def _buffer_cache_after_fork():
+    if cylsm_buffers_after_fork() != 0:
+        raise MemoryError("cylsm: could not allocate the lock of its buffer cache")
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_buffer_cache_after_fork)
 cdef object _handler = PyCapsule_New(<void*>&cylsm_handler, "mem_handler", NULL)
 
 

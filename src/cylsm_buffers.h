@@ -217,4 +217,15 @@ static int cylsm_buffers_init(size_t limit, int hugepages) {
     return cylsm_pool.lock == NULL ? -1 : 0;
 }
 
+/* In a child process after fork: another thread of the parent may have held the lock, or been
+ * changing the list, at the fork.  The child starts with a new lock and an empty list; the
+ * buffers of the parent's list stay mapped, unused (their pages are shared with the parent
+ * until written, so they cost the child no memory). */
+static int cylsm_buffers_after_fork(void) {
+    cylsm_pool.count = 0;
+    cylsm_pool.held = 0;
+    cylsm_pool.lock = PyThread_allocate_lock();
+    return cylsm_pool.lock == NULL ? -1 : 0;
+}
+
 #endif

@@ -183,4 +183,25 @@ static inline void cylsm_tile_times_factor(const float *e, float *t, ptrdiff_t n
     }
 }
 
+/* The sum of a row kernel's 16 lanes in block_sum's fixed order: acc[j] + acc[j + 8], then
+ * those j < 4 plus j + 4, then the four added in order.  In vector adds it is one add per
+ * halving; GCC compiled the same loops in Cython to some 30 scalar adds and shuffles, on the
+ * path of every short row of the backward ops. */
+static inline double cylsm_sum_lanes16(const double *acc)
+{
+#if CYLSM_SHUFFLES
+    typedef double d8 __attribute__((vector_size(64), aligned(8), may_alias));
+    typedef double d4 __attribute__((vector_size(32), aligned(8), may_alias));
+    d8 s = *(const d8 *)acc + *(const d8 *)(acc + 8);
+    d4 h = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+    return ((h[0] + h[1]) + h[2]) + h[3];
+#else
+    double h[4];
+    int j;
+    for (j = 0; j < 4; j++)
+        h[j] = (acc[j] + acc[j + 8]) + (acc[j + 4] + acc[j + 12]);
+    return ((h[0] + h[1]) + h[2]) + h[3];
+#endif
+}
+
 #endif

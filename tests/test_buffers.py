@@ -205,3 +205,36 @@ def test_show_config_reports_the_cache(capsys):
         pytest.skip("the Python backend is active")
     cylsm.show_config()
     assert "CYLSM_BUFFER_CACHE_MB" in capsys.readouterr().out
+
+
+FORK = """
+import os, numpy as np, cylsm
+from cylsm import _api
+x = np.random.default_rng(0).standard_normal((1024, 1024))
+expected = cylsm.softmax(x, out=np.empty_like(x))
+ys = [cylsm.softmax(x) for _ in range(3)]
+del ys
+assert _api._K.buffer_cache()["count"] == 3
+pid = os.fork()
+if pid == 0:
+    c = _api._K.buffer_cache()
+    ok = c["count"] == 0 and c["held"] == 0
+    ys = [cylsm.softmax(x) for _ in range(3)]
+    ok = ok and all(np.array_equal(y, expected) for y in ys)
+    del ys
+    ok = ok and _api._K.buffer_cache()["count"] == 3
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert _api._K.buffer_cache()["count"] == 3
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_with_an_empty_cache():
+    """After fork the child has a new lock (the parent's may have been held by another thread)
+    and an empty list, and allocates and frees as before; the parent keeps its list."""
+    proc = _run(FORK)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
