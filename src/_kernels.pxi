@@ -247,11 +247,18 @@ cdef extern from "cylsm_tile.h" nogil:
                              Py_ssize_t rows, Py_ssize_t cols) noexcept
     void cylsm_transpose_f64(const double* src, Py_ssize_t ss, double* dst, Py_ssize_t ds,
                              Py_ssize_t rows, Py_ssize_t cols) noexcept
+    void cylsm_transpose_in_f32(const float* src, Py_ssize_t ss, float* dst, Py_ssize_t ds,
+                                Py_ssize_t rows, Py_ssize_t cols) noexcept
+    void cylsm_transpose_in_f64(const double* src, Py_ssize_t ss, double* dst, Py_ssize_t ds,
+                                Py_ssize_t rows, Py_ssize_t cols) noexcept
     void cylsm_split_factor(double fs, float* fh, float* fl) noexcept
     float cylsm_times_factor(float e, float fh, float fl) noexcept
     void cylsm_tile_times_factor(const float* e, float* t, Py_ssize_t n, Py_ssize_t v,
                                  const float* fh, const float* fl) noexcept
     double cylsm_sum_lanes16(const double* acc) noexcept
+    const bint CYLSM_VECTORS
+    void cylsm_softmax_bwd_rows_f32(const float* g, const float* p, float* out, Py_ssize_t R,
+                                    Py_ssize_t n) noexcept
 
 
 cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py_ssize_t ds,
@@ -261,6 +268,15 @@ cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py
         cylsm_transpose_f32(src, ss, dst, ds, rows, cols)
     else:
         cylsm_transpose_f64(src, ss, dst, ds, rows, cols)
+
+
+cdef inline void transpose_in(const floating* src, Py_ssize_t ss, floating* dst,
+                              Py_ssize_t ds, Py_ssize_t rows, Py_ssize_t cols) noexcept nogil:
+    """transpose, for a tile's input: inlined (see cylsm_tile.h)."""
+    if floating is float:
+        cylsm_transpose_in_f32(src, ss, dst, ds, rows, cols)
+    else:
+        cylsm_transpose_in_f64(src, ss, dst, ds, rows, cols)
 
 cdef extern from *:
     """
@@ -1237,7 +1253,7 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
     cdef bint keep = op == OP_SOFTMAX or op == OP_LOGSUMEXP_BACKWARD
     cdef bint finite = True
     if R == V:
-        transpose(x, n, T, V, V, n)
+        transpose_in(x, n, T, V, V, n)
     else:                           # a short last tile repeats its last row
         for k in range(n):
             for r in range(V):
@@ -1680,6 +1696,9 @@ cdef void backward_short_rows(int op, const floating* g, const floating* q, floa
     row this short is part of one block)."""
     cdef Py_ssize_t r
     cdef double G, Gl
+    if floating is float and op == OP_SOFTMAX_BACKWARD and CYLSM_VECTORS:
+        cylsm_softmax_bwd_rows_f32(g, q, out, R, n)     # the same, in intrinsics
+        return
     for r in range(R):
         if floating is double and op == OP_SOFTMAX_BACKWARD:
             Gl = 0.0

@@ -121,10 +121,21 @@ static inline void cylsm_block_f64(const double *s, ptrdiff_t ss, double *d, ptr
 
 #endif
 
-/* cylsm_transpose_f32 and cylsm_transpose_f64: the blocks, then the edges */
-#define CYLSM_TRANSPOSE(NAME, T, B, BLOCK)                                                 \
-    static inline void NAME(const T *src, ptrdiff_t ss, T *dst, ptrdiff_t ds,             \
-                            ptrdiff_t rows, ptrdiff_t cols)                               \
+/* cylsm_transpose_f32/f64 (a tile's outputs) and cylsm_transpose_in_f32/f64 (its input):
+ * the blocks, then the edges.  Whether GCC inlined each copy into the short-row tiles moved
+ * with unrelated changes elsewhere in the module (the tiles of float64 softmax over rows of 32
+ * 1.08-1.18x slower in such builds), so it is fixed here: the input transpose inlined, the
+ * output one called, as in the fastest builds measured. */
+#if defined(__GNUC__)
+#define CYLSM_OUT_OF_LINE static __attribute__((noinline))
+#define CYLSM_INLINE static inline __attribute__((always_inline))
+#else
+#define CYLSM_OUT_OF_LINE static
+#define CYLSM_INLINE static inline
+#endif
+#define CYLSM_TRANSPOSE(NAME, T, B, BLOCK, KIND)                                           \
+    KIND void NAME(const T *src, ptrdiff_t ss, T *dst, ptrdiff_t ds,                      \
+                   ptrdiff_t rows, ptrdiff_t cols)                                        \
     {                                                                                     \
         ptrdiff_t r, c, rb = rows - rows % (B), cb = cols - cols % (B);                   \
         for (r = 0; r < rb; r += (B))                                                     \
@@ -134,8 +145,10 @@ static inline void cylsm_block_f64(const double *s, ptrdiff_t ss, double *d, ptr
             for (c = r < rb ? cb : 0; c < cols; c++)                                      \
                 dst[c * ds + r] = src[r * ss + c];                                        \
     }
-CYLSM_TRANSPOSE(cylsm_transpose_f32, float, CYLSM_FB, cylsm_block_f32)
-CYLSM_TRANSPOSE(cylsm_transpose_f64, double, CYLSM_DB, cylsm_block_f64)
+CYLSM_TRANSPOSE(cylsm_transpose_f32, float, CYLSM_FB, cylsm_block_f32, CYLSM_OUT_OF_LINE)
+CYLSM_TRANSPOSE(cylsm_transpose_f64, double, CYLSM_DB, cylsm_block_f64, CYLSM_OUT_OF_LINE)
+CYLSM_TRANSPOSE(cylsm_transpose_in_f32, float, CYLSM_FB, cylsm_block_f32, CYLSM_INLINE)
+CYLSM_TRANSPOSE(cylsm_transpose_in_f64, double, CYLSM_DB, cylsm_block_f64, CYLSM_INLINE)
 
 /* fs (float_factor_ok in _kernels.pxi: 0 or 2^-100 <= |fs| <= 2^62) as *fh + *fl for
  * cylsm_times_factor: *fh is fs cut to float's 24 bits (toward zero, exactly a float), *fl the
@@ -203,5 +216,106 @@ static inline double cylsm_sum_lanes16(const double *acc)
     return ((h[0] + h[1]) + h[2]) + h[3];
 #endif
 }
+
+/* softmax_backward over R short rows of float data (cylsm_softmax_bwd_rows_f32), with AVX2 or
+ * AVX-512 intrinsics: GCC compiled the same loops in Cython to about twice the instructions
+ * per row (each 16 floats loaded twice and their upper halves extracted, the output loop
+ * versioned for overlap), which bounds rows of 32.  The same bits as backward_short_rows:
+ *
+ * cylsm_dot_f32: block_sum of g * p in double: the 16 lanes in its order (lanes 0-7 and 8-15,
+ *   or four AVX2 vectors of 4), the products fused with the sum as GCC contracts block_sum's
+ *   (both targets have FMA), then the n % 16 last ones added in order;
+ * cylsm_softmax_grad_f32: softmax_grad_float's out = p * ((g - Mh) - Ml), each vector read
+ *   before it is written (out may be g or p);
+ * rows whose sum is too large for that (softmax_grad_float_ok) take row_output's double
+ * formula.  Out of line: the Cython loop that calls it kept its size, since any growth of the
+ * kernel functions moves GCC's inlining elsewhere (a version inline in backward_short_rows
+ * made float64 softmax over rows of 32 1.16x slower). */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define CYLSM_VECTORS 1
+#include <immintrin.h>
+static inline double cylsm_dot_f32(const float *g, const float *p, ptrdiff_t n)
+{
+    ptrdiff_t i;
+    __m128d x, y;
+#if defined(__AVX512F__)
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    __m256d h;
+    for (i = 0; i + 16 <= n; i += 16) {
+        lo = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(g + i)),
+                             _mm512_cvtps_pd(_mm256_loadu_ps(p + i)), lo);
+        hi = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(g + i + 8)),
+                             _mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), hi);
+    }
+    lo = _mm512_add_pd(lo, hi);                                  /* lanes j + (j + 8) */
+    h = _mm256_add_pd(_mm512_castpd512_pd256(lo), _mm512_extractf64x4_pd(lo, 1));
+#else                                   /* AVX2: lanes 0-3, 4-7, 8-11, 12-15 */
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, h;
+    for (i = 0; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(p + i)), a0);
+        a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 4)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 4)), a1);
+        a2 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 8)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 8)), a2);
+        a3 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 12)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 12)), a3);
+    }
+    h = _mm256_add_pd(_mm256_add_pd(a0, a2), _mm256_add_pd(a1, a3));
+#endif
+    x = _mm256_castpd256_pd128(h);                               /* h0 h1 */
+    y = _mm256_extractf128_pd(h, 1);                             /* h2 h3 */
+    x = _mm_add_sd(x, _mm_unpackhi_pd(x, x));
+    x = _mm_add_sd(x, y);
+    x = _mm_add_sd(x, _mm_unpackhi_pd(y, y));
+    {
+        double t = _mm_cvtsd_f64(x);
+        for (; i < n; i++)
+            t += (double)g[i] * (double)p[i];
+        return t;
+    }
+}
+
+static inline void cylsm_softmax_grad_f32(const float *p, const float *g, float *out,
+                                          ptrdiff_t n, float Mh, float Ml)
+{
+    ptrdiff_t i = 0;
+    __m256 h8 = _mm256_set1_ps(Mh), l8 = _mm256_set1_ps(Ml);
+#if defined(__AVX512F__)
+    __m512 h16 = _mm512_set1_ps(Mh), l16 = _mm512_set1_ps(Ml);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), _mm512_sub_ps(
+            _mm512_sub_ps(_mm512_loadu_ps(g + i), h16), l16)));
+#endif
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(
+            _mm256_sub_ps(_mm256_loadu_ps(g + i), h8), l8)));
+    for (; i < n; i++)
+        out[i] = p[i] * ((g[i] - Mh) - Ml);
+}
+
+CYLSM_OUT_OF_LINE void cylsm_softmax_bwd_rows_f32(const float *g, const float *p, float *out,
+                                               ptrdiff_t R, ptrdiff_t n)
+{
+    ptrdiff_t r, i;
+    for (r = 0; r < R; r++, g += n, p += n, out += n) {
+        double M = cylsm_dot_f32(g, p, n);
+        if (fabs(M) < 1.2676506002282294e30) {          /* softmax_grad_float_ok */
+            float Mh = (float)M;
+            cylsm_softmax_grad_f32(p, g, out, n, Mh, (float)(M - Mh));
+        } else {
+            for (i = 0; i < n; i++)
+                out[i] = (float)((double)p[i] * ((double)g[i] - M));
+        }
+    }
+}
+#else                                   /* (never called: backward_short_rows tests it) */
+#define CYLSM_VECTORS 0
+static void cylsm_softmax_bwd_rows_f32(const float *g, const float *p, float *out,
+                                       ptrdiff_t R, ptrdiff_t n)
+{
+    (void)g, (void)p, (void)out, (void)R, (void)n;
+}
+#endif
 
 #endif
