@@ -259,6 +259,10 @@ cdef extern from "cylsm_tile.h" nogil:
     const bint CYLSM_VECTORS
     void cylsm_softmax_bwd_rows_f32(const float* g, const float* p, float* out, Py_ssize_t R,
                                     Py_ssize_t n) noexcept
+    void cylsm_log_softmax_out_f32(const float* x, float* out, Py_ssize_t n, double M,
+                                   double L) noexcept
+    void cylsm_log_softmax_rows_f32(const float* x, float* out, Py_ssize_t R, Py_ssize_t n,
+                                    const double* M, const double* L) noexcept
 
 
 cdef inline void transpose(const floating* src, Py_ssize_t ss, floating* dst, Py_ssize_t ds,
@@ -1269,6 +1273,9 @@ cdef inline void short_tile(int op, const floating* x, const floating* g, floati
         if finite and R == V:   # every row kept: the tile is the output, transposed
             transpose(T, V, out, n, n, V)
             return
+    if floating is float and op == OP_LOG_SOFTMAX and CYLSM_VECTORS:
+        cylsm_log_softmax_rows_f32(x, out, R, n, M, L)     # row_output's, in one call
+        return
     for r in range(R):
         if keep and -INFINITY < M[r] < INFINITY:
             for k in range(n):
@@ -1394,6 +1401,9 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     cdef Py_ssize_t i
     cdef float Mh, Ml
     if op == OP_LOG_SOFTMAX:
+        if floating is float and CYLSM_VECTORS:
+            cylsm_log_softmax_out_f32(x, out, n, M, L)      # the same, in intrinsics
+            return
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)
     elif op == OP_SOFTMAX:

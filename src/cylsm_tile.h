@@ -309,12 +309,76 @@ CYLSM_OUT_OF_LINE void cylsm_softmax_bwd_rows_f32(const float *g, const float *p
         }
     }
 }
-#else                                   /* (never called: backward_short_rows tests it) */
+/* log_softmax's output for a row (or superblock) of float data: out = ((x - M) - L) in double,
+ * rounded once to float, as row_output's loop, with the same bits. GCC widened and narrowed
+ * each 16 floats through a 512-bit vector that it split and joined again (vextractf32x8,
+ * vinsertf64x4), and versioned the loop for the overlap of out and x; here each half is loaded
+ * widened and stored narrowed, and each vector is read before it is written (out may be x). */
+CYLSM_INLINE void cylsm_log_softmax_row_f32(const float *x, float *out, ptrdiff_t n,
+                                             double M, double L)
+{
+    ptrdiff_t i = 0;
+#if defined(__AVX512F__)
+    __m512d m8 = _mm512_set1_pd(M), l8 = _mm512_set1_pd(L), a, b;
+    for (; i + 16 <= n; i += 16) {
+        a = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+        b = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8));
+        _mm256_storeu_ps(out + i, _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_sub_pd(a, m8), l8)));
+        _mm256_storeu_ps(out + i + 8, _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_sub_pd(b, m8), l8)));
+    }
+    if (i < n) {                        /* the last n % 16 under masks (no lane past n faults) */
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        __mmask8 k0 = (__mmask8)k, k1 = (__mmask8)(k >> 8);
+        a = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k0, x + i));
+        b = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k1, x + i + 8));
+        _mm256_mask_storeu_ps(out + i, k0,
+                              _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_sub_pd(a, m8), l8)));
+        _mm256_mask_storeu_ps(out + i + 8, k1,
+                              _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_sub_pd(b, m8), l8)));
+        return;
+    }
+#endif
+    {
+        __m256d m4 = _mm256_set1_pd(M), l4 = _mm256_set1_pd(L), c;
+        for (; i + 4 <= n; i += 4) {
+            c = _mm256_cvtps_pd(_mm_loadu_ps(x + i));
+            _mm_storeu_ps(out + i, _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_sub_pd(c, m4), l4)));
+        }
+    }
+    for (; i < n; i++)
+        out[i] = (float)(((double)x[i] - M) - L);
+}
+
+CYLSM_OUT_OF_LINE void cylsm_log_softmax_out_f32(const float *x, float *out, ptrdiff_t n,
+                                              double M, double L)
+{
+    cylsm_log_softmax_row_f32(x, out, n, M, L);
+}
+
+/* The same for R rows of n (a tile of short rows), with their M[r] and L[r]: one call. */
+CYLSM_OUT_OF_LINE void cylsm_log_softmax_rows_f32(const float *x, float *out, ptrdiff_t R,
+                                               ptrdiff_t n, const double *M, const double *L)
+{
+    ptrdiff_t r;
+    for (r = 0; r < R; r++)
+        cylsm_log_softmax_row_f32(x + r * n, out + r * n, n, M[r], L[r]);
+}
+#else                                   /* (never called: the callers test CYLSM_VECTORS) */
 #define CYLSM_VECTORS 0
 static void cylsm_softmax_bwd_rows_f32(const float *g, const float *p, float *out,
                                        ptrdiff_t R, ptrdiff_t n)
 {
     (void)g, (void)p, (void)out, (void)R, (void)n;
+}
+static void cylsm_log_softmax_out_f32(const float *x, float *out, ptrdiff_t n, double M,
+                                      double L)
+{
+    (void)x, (void)out, (void)n, (void)M, (void)L;
+}
+static void cylsm_log_softmax_rows_f32(const float *x, float *out, ptrdiff_t R, ptrdiff_t n,
+                                       const double *M, const double *L)
+{
+    (void)x, (void)out, (void)R, (void)n, (void)M, (void)L;
 }
 #endif
 

@@ -486,6 +486,32 @@ def test_out_other_memory_order(lsm, name, axis):
     assert np.all(big[1::2] == 0) and np.all(big[:, ::2] == 0)  # nothing written outside out
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_softmax_rows_of_every_length(lsm, dtype):
+    """Rows of 1 to 40 elements and a few longer (every remainder of 16, 8 and 4 lanes, short
+    tiles and the row kernel): in place, into out= and allocating give the same bits, match
+    (x - M) - log1p(sum exp(x - M) - 1) formed in float64 (float32 data; float64 data within 4 ulp
+    of a long double reference), and nothing past the rows of out is written (the vector
+    kernels store their last lanes under masks)."""
+    wide = np.longdouble if dtype == np.float64 else np.float64
+    for n in [*range(1, 41), 100, 255, 257, 1000, 1031]:
+        x = data((5, n), dtype, seed=n)
+        xw = x.astype(wide)
+        m = xw.max(axis=1, keepdims=True)
+        t = np.where(xw == m, 0, np.exp(xw - m)).sum(axis=1, keepdims=True)
+        ref = (xw - m) - np.log1p(t + ((xw == m).sum(axis=1, keepdims=True) - 1))
+        fresh = lsm.log_softmax(x, axis=1)
+        buf = np.full(5 * n + 40, 7.0, dtype)
+        out = buf[:5 * n].reshape(5, n)
+        assert lsm.log_softmax(x, axis=1, out=out) is out
+        y = x.copy()
+        assert lsm.log_softmax(y, axis=1, out=y) is y
+        assert fresh.tobytes() == out.tobytes() == y.tobytes(), n
+        assert np.all(buf[5 * n:] == 7.0), n
+        err = np.abs(fresh.astype(wide) - ref) / np.spacing(np.abs(ref).astype(dtype))
+        assert err.max() <= (1.0 if dtype == np.float32 else 4.0), (n, err.max())
+
+
 @pytest.mark.parametrize("name", ELEMENTWISE)
 @pytest.mark.parametrize("axis", [0, -1, None, (0, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
