@@ -259,6 +259,7 @@ cdef extern from "cylsm_tile.h" nogil:
     const bint CYLSM_VECTORS
     void cylsm_softmax_bwd_rows_f32(const float* g, const float* p, float* out, Py_ssize_t R,
                                     Py_ssize_t n) noexcept
+    double cylsm_dot_f32(const float* g, const float* p, Py_ssize_t n) noexcept
     void cylsm_log_softmax_out_f32(const float* x, float* out, Py_ssize_t n, double M,
                                    double L) noexcept
     void cylsm_log_softmax_rows_f32(const float* x, float* out, Py_ssize_t R, Py_ssize_t n,
@@ -1585,6 +1586,8 @@ cdef inline double block_sum(const floating* g, const floating* q, Py_ssize_t n)
     cdef double acc[W]
     cdef Py_ssize_t b, j, i, nb = n // W
     cdef double t = 0.0
+    if floating is float and CYLSM_VECTORS:
+        return cylsm_dot_f32(g, q, n)       # the same, in intrinsics
     for j in range(W):
         acc[j] = 0.0
     if q == NULL:

@@ -222,9 +222,10 @@ static inline double cylsm_sum_lanes16(const double *acc)
  * per row (each 16 floats loaded twice and their upper halves extracted, the output loop
  * versioned for overlap), which bounds rows of 32.  The same bits as backward_short_rows:
  *
- * cylsm_dot_f32: block_sum of g * p in double: the 16 lanes in its order (lanes 0-7 and 8-15,
- *   or four AVX2 vectors of 4), the products fused with the sum as GCC contracts block_sum's
- *   (both targets have FMA), then the n % 16 last ones added in order;
+ * cylsm_dot_f32: block_sum of g * p (of g when p is NULL) in double: the 16 lanes in its order
+ *   (lanes 0-7 and 8-15, or four AVX2 vectors of 4), the products fused with the sum as GCC
+ *   contracts block_sum's (both targets have FMA), then the n % 16 last ones added in order
+ *   (block_sum calls it for all float data: GCC's code for its loops took 1.1-1.7x the time);
  * cylsm_softmax_grad_f32: softmax_grad_float's out = p * ((g - Mh) - Ml), each vector read
  *   before it is written (out may be g or p);
  * rows whose sum is too large for that (softmax_grad_float_ok) take row_output's double
@@ -239,28 +240,42 @@ static inline double cylsm_dot_f32(const float *g, const float *p, ptrdiff_t n)
     ptrdiff_t i;
     __m128d x, y;
 #if defined(__AVX512F__)
+#define CYLSM_CVT16(a) _mm512_cvtps_pd(_mm256_loadu_ps(a))
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
     __m256d h;
-    for (i = 0; i + 16 <= n; i += 16) {
-        lo = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(g + i)),
-                             _mm512_cvtps_pd(_mm256_loadu_ps(p + i)), lo);
-        hi = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(g + i + 8)),
-                             _mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), hi);
+    if (p == NULL) {
+        for (i = 0; i + 16 <= n; i += 16) {
+            lo = _mm512_add_pd(CYLSM_CVT16(g + i), lo);
+            hi = _mm512_add_pd(CYLSM_CVT16(g + i + 8), hi);
+        }
+    } else {
+        for (i = 0; i + 16 <= n; i += 16) {
+            lo = _mm512_fmadd_pd(CYLSM_CVT16(g + i), CYLSM_CVT16(p + i), lo);
+            hi = _mm512_fmadd_pd(CYLSM_CVT16(g + i + 8), CYLSM_CVT16(p + i + 8), hi);
+        }
     }
+#undef CYLSM_CVT16
     lo = _mm512_add_pd(lo, hi);                                  /* lanes j + (j + 8) */
     h = _mm256_add_pd(_mm512_castpd512_pd256(lo), _mm512_extractf64x4_pd(lo, 1));
 #else                                   /* AVX2: lanes 0-3, 4-7, 8-11, 12-15 */
+#define CYLSM_CVT8(a) _mm256_cvtps_pd(_mm_loadu_ps(a))
     __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, h;
-    for (i = 0; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i)),
-                             _mm256_cvtps_pd(_mm_loadu_ps(p + i)), a0);
-        a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 4)),
-                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 4)), a1);
-        a2 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 8)),
-                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 8)), a2);
-        a3 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g + i + 12)),
-                             _mm256_cvtps_pd(_mm_loadu_ps(p + i + 12)), a3);
+    if (p == NULL) {
+        for (i = 0; i + 16 <= n; i += 16) {
+            a0 = _mm256_add_pd(CYLSM_CVT8(g + i), a0);
+            a1 = _mm256_add_pd(CYLSM_CVT8(g + i + 4), a1);
+            a2 = _mm256_add_pd(CYLSM_CVT8(g + i + 8), a2);
+            a3 = _mm256_add_pd(CYLSM_CVT8(g + i + 12), a3);
+        }
+    } else {
+        for (i = 0; i + 16 <= n; i += 16) {
+            a0 = _mm256_fmadd_pd(CYLSM_CVT8(g + i), CYLSM_CVT8(p + i), a0);
+            a1 = _mm256_fmadd_pd(CYLSM_CVT8(g + i + 4), CYLSM_CVT8(p + i + 4), a1);
+            a2 = _mm256_fmadd_pd(CYLSM_CVT8(g + i + 8), CYLSM_CVT8(p + i + 8), a2);
+            a3 = _mm256_fmadd_pd(CYLSM_CVT8(g + i + 12), CYLSM_CVT8(p + i + 12), a3);
+        }
     }
+#undef CYLSM_CVT8
     h = _mm256_add_pd(_mm256_add_pd(a0, a2), _mm256_add_pd(a1, a3));
 #endif
     x = _mm256_castpd256_pd128(h);                               /* h0 h1 */
@@ -271,7 +286,7 @@ static inline double cylsm_dot_f32(const float *g, const float *p, ptrdiff_t n)
     {
         double t = _mm_cvtsd_f64(x);
         for (; i < n; i++)
-            t += (double)g[i] * (double)p[i];
+            t += p == NULL ? (double)g[i] : (double)g[i] * (double)p[i];
         return t;
     }
 }
@@ -365,6 +380,11 @@ CYLSM_OUT_OF_LINE void cylsm_log_softmax_rows_f32(const float *x, float *out, pt
 }
 #else                                   /* (never called: the callers test CYLSM_VECTORS) */
 #define CYLSM_VECTORS 0
+static double cylsm_dot_f32(const float *g, const float *p, ptrdiff_t n)
+{
+    (void)g, (void)p, (void)n;
+    return 0.0;
+}
 static void cylsm_softmax_bwd_rows_f32(const float *g, const float *p, float *out,
                                        ptrdiff_t R, ptrdiff_t n)
 {
