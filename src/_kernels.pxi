@@ -211,7 +211,7 @@ cdef inline bint softmax_grad_float_ok(double M) noexcept nogil:
     """Whether softmax_backward's output for a line whose sum(g * p) is M may be formed in
     float (softmax_grad_float): |M| < 2^100.  Then neither difference there can overflow (g's
     largest float minus M rounds to at most FLT_MAX); inf and NaN sums stay in double."""
-    return fabs(M) < 1.2676506002282294e30     # 2^100
+    return fabs(M) < CYLSM_SOFTMAX_GRAD_FLOAT_MAX     # 2^100 (cylsm_tile.h)
 
 
 cdef inline float softmax_grad_float(float p, float g, float Mh, float Ml) noexcept nogil:
@@ -257,11 +257,10 @@ cdef extern from "cylsm_tile.h" nogil:
                                  const float* fh, const float* fl) noexcept
     double cylsm_sum_lanes16(const double* acc) noexcept
     const bint CYLSM_VECTORS
+    const double CYLSM_SOFTMAX_GRAD_FLOAT_MAX
     void cylsm_softmax_bwd_rows_f32(const float* g, const float* p, float* out, Py_ssize_t R,
                                     Py_ssize_t n) noexcept
     double cylsm_dot_f32(const float* g, const float* p, Py_ssize_t n) noexcept
-    void cylsm_log_softmax_out_f32(const float* x, float* out, Py_ssize_t n, double M,
-                                   double L) noexcept
     void cylsm_log_softmax_rows_f32(const float* x, float* out, Py_ssize_t R, Py_ssize_t n,
                                     const double* M, const double* L) noexcept
 
@@ -1403,7 +1402,7 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
     cdef float Mh, Ml
     if op == OP_LOG_SOFTMAX:
         if floating is float and CYLSM_VECTORS:
-            cylsm_log_softmax_out_f32(x, out, n, M, L)      # the same, in intrinsics
+            cylsm_log_softmax_rows_f32(x, out, 1, n, &M, &L)    # the same, in intrinsics
             return
         for i in range(n):
             out[i] = <floating>((x[i] - M) - L)

@@ -232,6 +232,10 @@ static inline double cylsm_sum_lanes16(const double *acc)
  * formula.  Out of line: the Cython loop that calls it kept its size, since any growth of the
  * kernel functions moves GCC's inlining elsewhere (a version inline in backward_short_rows
  * made float64 softmax over rows of 32 1.16x slower). */
+
+/* softmax_grad_float_ok's bound: sums of g * p below it in magnitude may take the float formula */
+#define CYLSM_SOFTMAX_GRAD_FLOAT_MAX 0x1p100
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #define CYLSM_VECTORS 1
 #include <immintrin.h>
@@ -315,7 +319,7 @@ CYLSM_OUT_OF_LINE void cylsm_softmax_bwd_rows_f32(const float *g, const float *p
     ptrdiff_t r, i;
     for (r = 0; r < R; r++, g += n, p += n, out += n) {
         double M = cylsm_dot_f32(g, p, n);
-        if (fabs(M) < 1.2676506002282294e30) {          /* softmax_grad_float_ok */
+        if (fabs(M) < CYLSM_SOFTMAX_GRAD_FLOAT_MAX) {   /* softmax_grad_float_ok */
             float Mh = (float)M;
             cylsm_softmax_grad_f32(p, g, out, n, Mh, (float)(M - Mh));
         } else {
@@ -364,13 +368,7 @@ CYLSM_INLINE void cylsm_log_softmax_row_f32(const float *x, float *out, ptrdiff_
         out[i] = (float)(((double)x[i] - M) - L);
 }
 
-CYLSM_OUT_OF_LINE void cylsm_log_softmax_out_f32(const float *x, float *out, ptrdiff_t n,
-                                              double M, double L)
-{
-    cylsm_log_softmax_row_f32(x, out, n, M, L);
-}
-
-/* The same for R rows of n (a tile of short rows), with their M[r] and L[r]: one call. */
+/* That for R rows of n (a row, or a tile of short rows), with their M[r] and L[r]: one call. */
 CYLSM_OUT_OF_LINE void cylsm_log_softmax_rows_f32(const float *x, float *out, ptrdiff_t R,
                                                ptrdiff_t n, const double *M, const double *L)
 {
@@ -389,11 +387,6 @@ static void cylsm_softmax_bwd_rows_f32(const float *g, const float *p, float *ou
                                        ptrdiff_t R, ptrdiff_t n)
 {
     (void)g, (void)p, (void)out, (void)R, (void)n;
-}
-static void cylsm_log_softmax_out_f32(const float *x, float *out, ptrdiff_t n, double M,
-                                      double L)
-{
-    (void)x, (void)out, (void)n, (void)M, (void)L;
 }
 static void cylsm_log_softmax_rows_f32(const float *x, float *out, ptrdiff_t R, ptrdiff_t n,
                                        const double *M, const double *L)
