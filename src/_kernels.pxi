@@ -14,7 +14,8 @@ Three loop shapes:
   by superblock;
 * short rows (n < SHORT): TILE rows (a few rows: 32 bytes' worth) are transposed into a
   buffer and reduced by the column kernel, one lane per row;
-* column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously.
+* column kernels (inner > 1): up to JB neighbouring columns are walked together, contiguously
+  (the backward ops: up to BACK_COLS, see back_width).
 
 Accuracy: x - max is formed exactly (its rounding error enters exp's reduced argument); the
 elements equal to the maximum are counted, not summed (each contributes exactly 1), and
@@ -334,6 +335,9 @@ cdef enum:
     CHUNK = 512       # elements whose weights (b=, where=) a weighted row kernel gathers at once
     GROUP = 1024      # elements of short rows logsumexp(where=) masks into a buffer at a time
     JB = 64           # columns walked together by a column kernel
+    BACK_COLS = 4096  # columns walked together by a backward column kernel, at most (see
+                      # back_width)
+    BACK_RUN = 4096   # bytes: the shortest runs the threads' backward column tasks are cut to
     MAX_RUN = 4096    # rows of a column kernel whose maxima are counted before they are merged
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
     GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
@@ -1725,32 +1729,63 @@ cdef void backward_short_rows(int op, const floating* g, const floating* q, floa
 
 cdef void backward_cols(int op, const floating* g, const floating* q, floating* out,
                         Py_ssize_t n, Py_ssize_t w, Py_ssize_t s) noexcept nogil:
-    cdef double tot[JB]
-    cdef double part[JB]
-    cdef double comp[JB]
+    """The backward ops over w neighbouring columns (s apart), in one panel: a pass of the
+    sums, then the output pass, each walking the rows' contiguous runs of w.  Scratch: 3
+    doubles, 2 floats and a flag per column, up to JB columns on the stack, else from malloc
+    (each array 64-byte aligned); where malloc fails, panels of JB columns (the same result:
+    a column's result depends on it alone)."""
+    cdef double tot_s[JB]
+    cdef double part_s[JB]
+    cdef double comp_s[JB]
+    cdef float f1_s[JB]
+    cdef float f2_s[JB]
+    cdef int32_t flags_s[JB]
+    cdef double* tot = tot_s
+    cdef double* part = part_s
+    cdef double* comp = comp_s
+    cdef float* f1 = f1_s
+    cdef float* f2 = f2_s
+    cdef int32_t* flags = flags_s
+    cdef void* heap = NULL
+    cdef Py_ssize_t j0, ps = (w + 15) // 16 * 16      # the stride of the arrays in heap
     cdef const floating* q_sum = q         # what the sums multiply g by (NULL: nothing)
     if op == OP_LOG_SOFTMAX_BACKWARD:
         q_sum = NULL
+    if w > JB:
+        heap = malloc(ps * (3 * sizeof(double) + 2 * sizeof(float) + sizeof(int32_t)) + 64)
+        if heap == NULL:
+            j0 = 0
+            while j0 < w:
+                backward_cols(op, g + j0, q + j0, out + j0, n, JB if w - j0 > JB else w - j0, s)
+                j0 += JB
+            return
+        tot = align64(<double*>heap)
+        part = tot + ps
+        comp = part + ps
+        f1 = <float*>(comp + ps)
+        f2 = f1 + ps
+        flags = <int32_t*>(f2 + ps)
     if w == JB:     # a constant width, as in col_stats
-        panel_sum(g, q_sum, n, JB, s, tot, part, comp)
-        panel_grad_output(op, g, q, out, n, JB, s, tot, comp)
+        panel_sum(g, q_sum, n, JB, s, tot_s, part_s, comp_s)
+        panel_grad_output(op, g, q, out, n, JB, s, tot_s, comp_s, f1_s, f2_s, flags_s)
     else:
         panel_sum(g, q_sum, n, w, s, tot, part, comp)
-        panel_grad_output(op, g, q, out, n, w, s, tot, comp)
+        panel_grad_output(op, g, q, out, n, w, s, tot, comp, f1, f2, flags)
+    free(heap)
 
 
 cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, float* out,
                                              Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                                             const double* tot) noexcept nogil:
-    """log_softmax_grad_float for the w <= JB columns of a panel (s apart; tot their gradients'
+                                             const double* tot, float* Ms,
+                                             int32_t* bad) noexcept nogil:
+    """log_softmax_grad_float for the w columns of a panel (s apart; tot their gradients'
     sums), decided column by column, so that a column's result depends on it alone: the
     columns that may be formed in float are, and if any may not (its sum out of range, or a
     y > 0), those are done in double, one by one.  Whether all were done (False: nothing was,
     the caller does the panel in double).  In place (out is y or g) the y are checked first
-    and the columns done in double are not written in the float pass."""
+    and the columns done in double are not written in the float pass.  Ms and bad: scratch
+    of w."""
     cdef Py_ssize_t i, j
-    cdef float Ms[JB]
-    cdef int32_t bad[JB]
     cdef int32_t nbad = 0
     cdef float v, e
     cdef bint in_place = out == y or out == g
@@ -1783,16 +1818,15 @@ cdef inline bint log_softmax_grad_float_cols(const float* g, const float* y, flo
 
 cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* out,
                                          Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                                         const double* tot) noexcept nogil:
-    """softmax_grad_float for the w <= JB columns of a panel (s apart; tot their sums of
+                                         const double* tot, float* Mh, float* Ml,
+                                         int32_t* ok) noexcept nogil:
+    """softmax_grad_float for the w columns of a panel (s apart; tot their sums of
     g * p), decided column by column, so that a column's result depends on it alone: the
     columns that may be formed in float are, and the others (rare: a sum that is not finite or
     beyond 2^100) in double, element by element as read (out may be g or p).  Whether all were
-    done (False: none was, the caller does the panel in double)."""
+    done (False: none was, the caller does the panel in double).  Mh, Ml and ok: scratch of
+    w."""
     cdef Py_ssize_t i, j
-    cdef float Mh[JB]
-    cdef float Ml[JB]
-    cdef int32_t ok[JB]
     cdef int32_t nbad = 0
     cdef float v, pv, gv
     for j in range(w):
@@ -1818,18 +1852,19 @@ cdef inline bint softmax_grad_float_cols(const float* g, const float* p, float* 
 
 cdef inline void panel_grad_output(int op, const floating* g, const floating* q, floating* out,
                                    Py_ssize_t n, Py_ssize_t w, Py_ssize_t s,
-                                   const double* tot, const double* lo) noexcept nogil:
+                                   const double* tot, const double* lo, float* f1,
+                                   float* f2, int32_t* flags) noexcept nogil:
     """The output pass of backward_cols, tot holding the column sums (lo: what they leave
-    out, see panel_sum)."""
+    out, see panel_sum); f1, f2 and flags: scratch of w for the float formulas."""
     cdef Py_ssize_t i, j
     cdef const floating* gr
     cdef const floating* qr
     cdef floating* orow
     if floating is float and op == OP_LOG_SOFTMAX_BACKWARD and CYLSM_FMA:
-        if log_softmax_grad_float_cols(g, q, out, n, w, s, tot):
+        if log_softmax_grad_float_cols(g, q, out, n, w, s, tot, f1, flags):
             return
     if floating is float and op == OP_SOFTMAX_BACKWARD:
-        if softmax_grad_float_cols(g, q, out, n, w, s, tot):
+        if softmax_grad_float_cols(g, q, out, n, w, s, tot, f1, f2, flags):
             return
     for i in range(n):
         gr = g + i * s
@@ -1843,27 +1878,49 @@ cdef inline void panel_grad_output(int op, const floating* g, const floating* q,
                 orow[j] = <floating>(qr[j] * ((gr[j] - tot[j]) - lo[j]))
 
 
-cdef inline Py_ssize_t n_tasks(Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner,
-                               bint short_rows) noexcept nogil:
-    """Tasks of run(): rows, tiles of TILE short rows, or blocks of JB columns."""
+cdef inline Py_ssize_t back_width(Py_ssize_t outer, Py_ssize_t inner, int nt,
+                                  Py_ssize_t size) noexcept nogil:
+    """The columns of a backward column task (see backward_cols), for data of size bytes: all
+    of them up to BACK_COLS, else as many as they cut evenly into pieces of at most that; cut
+    into more pieces (of BACK_RUN bytes or more) where nt threads would otherwise get unequal
+    shares of a few tasks; a multiple of 16.  Where that leaves a thread without a task, JB:
+    panels of JB columns for the threads to share.
+    The backward passes are memory-bound, and a row's run of JB columns (256 bytes, its
+    neighbours 16 KiB away in a 1024x4096 float32 array) kept them waiting on memory: 1.2-1.4
+    ns an element, against 0.3 for rows; runs of 4096 columns took 0.8-1.0 (float64 log_softmax
+    backward 2.4 -> 1.3), whole rows of 256 or 1024 columns in 4096-16384 rows 2x faster.  Two
+    threads on the two halves of 4 KiB rows took longer than one thread on all of them (each
+    core's prefetcher runs on into the other's half)."""
+    cdef Py_ssize_t c = (inner + BACK_COLS - 1) // BACK_COLS, w
+    while (outer * c) % nt != 0 and outer * c < 8 * nt and inner // (c + 1) * size >= BACK_RUN:
+        c += 1
+    if outer * c < nt:
+        return JB
+    w = (inner + c - 1) // c
+    return (w + 15) // 16 * 16
+
+
+cdef inline Py_ssize_t n_tasks(Py_ssize_t outer, Py_ssize_t inner, bint short_rows,
+                               Py_ssize_t cw) noexcept nogil:
+    """Tasks of run(): rows, tiles of TILE short rows, or blocks of cw columns."""
     if inner > 1:
-        return outer * ((inner + JB - 1) // JB)
+        return outer * ((inner + cw - 1) // cw)
     return (outer + TILE - 1) // TILE if short_rows else outer
 
 
 cdef void run_task(int op, const floating* x, const floating* g, floating* out,
                    Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner, bint short_rows,
-                   Py_ssize_t t) noexcept nogil:
-    """Task t of run(): one row, one tile of short rows, or one block of columns."""
+                   Py_ssize_t cw, Py_ssize_t t) noexcept nogil:
+    """Task t of run(): one row, one tile of short rows, or one block of cw columns."""
     cdef Py_ssize_t o, j0, r, w, nb
     cdef bint reduced = op == OP_LOGSUMEXP                  # out is (outer, inner)
     cdef bint per_row_g = op == OP_LOGSUMEXP_BACKWARD       # g is (outer, inner)
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     if inner > 1:
-        nb = (inner + JB - 1) // JB
+        nb = (inner + cw - 1) // cw
         o = t // nb
-        j0 = (t % nb) * JB
-        w = JB if j0 + JB <= inner else inner - j0
+        j0 = (t % nb) * cw
+        w = cw if j0 + cw <= inner else inner - j0
         if backward:
             backward_cols(op, g + o * n * inner + j0, x + o * n * inner + j0,
                           out + o * n * inner + j0, n, w, inner)
@@ -1894,8 +1951,9 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     forward output (y or p) and g the upstream gradient."""
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint short_rows = inner == 1 and n < SHORT
-    cdef Py_ssize_t t, tasks = n_tasks(outer, n, inner, short_rows)
     cdef int nt = n_threads(outer * n * inner)
+    cdef Py_ssize_t cw = back_width(outer, inner, nt, sizeof(floating)) if backward else JB
+    cdef Py_ssize_t t, tasks = n_tasks(outer, inner, short_rows, cw)
     if nt > 1 and inner == 1 and outer < nt and n >= 2 * SUPER:
         for t in range(outer):      # few long rows: the threads share each row
             if backward:
@@ -1905,10 +1963,10 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
                           out + t if op == OP_LOGSUMEXP else out + t * n, n, nt)
     elif nt == 1 or tasks == 1:
         for t in range(tasks):
-            run_task(op, x, g, out, outer, n, inner, short_rows, t)
+            run_task(op, x, g, out, outer, n, inner, short_rows, cw, t)
     else:
         for t in prange(tasks, nogil=True, num_threads=nt, schedule="static"):
-            run_task(op, x, g, out, outer, n, inner, short_rows, t)
+            run_task(op, x, g, out, outer, n, inner, short_rows, cw, t)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -497,6 +497,39 @@ def test_log_softmax_backward_float_cols(lsm, n):
         assert_array_equal(target, dx, err_msg=f"out={which}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 300, 8196), (3, 200, 1030), (1, 500, 1024), (2, 100, 37)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_column_blocks(lsm, shape, dtype):
+    """The backward column kernels walk blocks of up to 4096 columns (back_width: 8196 in
+    three or four blocks, 1030 in one or two, 1024 float32 at two threads in panels of 64):
+    the result is the oracle's within rounding, bitwise the same at one and two threads, and
+    (but float64 log_softmax_backward) each column's the same as that column's next to a copy
+    of itself."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    r = rng(sum(shape))
+    x = (r.standard_normal(shape) * 3).astype(dtype)
+    g = r.standard_normal(shape).astype(dtype)
+    cols = sorted({0, 1, 63, 64, shape[2] // 2, shape[2] - 1} & set(range(shape[2])))
+    for name, check, forward in (("softmax_backward", check_softmax_backward, lsm.softmax),
+                                 ("log_softmax_backward", check_log_softmax_backward,
+                                  lsm.log_softmax)):
+        f = getattr(lsm, name)
+        q = forward(x, axis=1)
+        with threadpoolctl.threadpool_limits(1):
+            one = f(g, q, axis=1)
+        with threadpoolctl.threadpool_limits(2):
+            two = f(g, q, axis=1)
+        check(one, g, q, 1, dtype)
+        assert_array_equal(two, one, err_msg=f"{name}: two threads")
+        for j in cols if dtype == np.float32 or name == "softmax_backward" else ():
+            # (a pair: a single column is a row, for the row kernels; float64
+            # log_softmax_backward's columns differ in the last bit with the panel's width, as
+            # they did before the blocks)
+            pair = f(g[:, :, [j, j]], q[:, :, [j, j]], axis=1)
+            assert_array_equal(pair, one[:, :, [j, j]], err_msg=f"{name}: column {j}")
+
+
 def softmax_grad_lines(lsm, n):
     """Four lines of n (g, p) for float32 softmax_backward: a normal one, one whose sum(g * p)
     is beyond float's range (1.5 FLT_MAX: p is not a softmax there; a float formula would give
