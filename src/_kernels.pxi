@@ -1952,7 +1952,9 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     cdef bint backward = op == OP_LOG_SOFTMAX_BACKWARD or op == OP_SOFTMAX_BACKWARD
     cdef bint short_rows = inner == 1 and n < SHORT
     cdef int nt = n_threads(outer * n * inner)
-    cdef Py_ssize_t cw = back_width(outer, inner, nt, sizeof(floating)) if backward else JB
+    cdef Py_ssize_t cw = JB                 # the columns of a column task
+    if backward and inner > 1:
+        cw = back_width(outer, inner, nt, sizeof(floating))
     cdef Py_ssize_t t, tasks = n_tasks(outer, inner, short_rows, cw)
     if nt > 1 and inner == 1 and outer < nt and n >= 2 * SUPER:
         for t in range(outer):      # few long rows: the threads share each row
