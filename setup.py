@@ -210,7 +210,7 @@ def extensions() -> list[Extension]:
                            ("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             libraries=libraries,
             depends=["src/_kernels.pxi", "src/cylsm_exp.h", "src/cylsm_cpu.h",
-                     "src/cylsm_tile.h", "src/cylsm_buffers.h"],
+                     "src/cylsm_tile.h", "src/cylsm_buffers.h", "src/cylsm_stream.h"],
         )
         for level in levels
     ]

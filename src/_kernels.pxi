@@ -30,7 +30,7 @@ Memory: a long row's output pass walks its superblocks last first (those the sta
 read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short
 rows, store the exps of the sum pass and rescale them instead of a second exp.
 """
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport log1p, log, fabs, fma, fmaf, copysign, INFINITY, NAN
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
@@ -341,6 +341,9 @@ cdef enum:
     MAX_RUN = 4096    # rows of a column kernel whose maxima are counted before they are merged
     MIN_PARALLEL = 32768   # fewer elements than this: one thread
     GIL_BYTES = 4096  # the shortcut keeps the GIL for inputs this small
+    STREAM_BYTES = 8388608  # softmax_backward's row outputs this large are streamed (see
+                            # streamed_output): a quarter of this machine's L3
+    STREAM_CHUNK = 1024     # elements of such an output computed into a buffer at a time
 
 
 cdef extern from "cylsm_cpu.h":
@@ -1442,6 +1445,38 @@ cdef inline void row_output(int op, const floating* x, const floating* g, floati
                 out[i] = <floating>(gr * exp_diff2(x[i], M, L))
 
 
+cdef extern from "cylsm_stream.h" nogil:
+    const bint CYLSM_STREAMING
+    void cylsm_stream_f32(float* d, const float* s, Py_ssize_t n) noexcept
+    void cylsm_stream_f64(double* d, const double* s, Py_ssize_t n) noexcept
+    void cylsm_stream_fence() noexcept
+
+
+cdef void streamed_output(const floating* p, const floating* g, floating* out, Py_ssize_t n,
+                          double M, double L) noexcept nogil:
+    """softmax_backward's row_output for a row (or superblock), STREAM_CHUNK elements at a
+    time into a buffer, then copied to out by streaming stores (cylsm_stream.h): the same
+    values, without reading out's lines into the cache first.  run() streams softmax_backward's
+    rows (not short ones) into an out of STREAM_BYTES or more that is neither input: its output
+    pass reads p and g from the cache (its sum pass read them), so the output's lines are the
+    one stream to memory it can save (rows of 1024 to 262144 and one long row, both dtypes, 1
+    and 2 threads: 0.75-0.95 of the time; float64 rows of 1024 at one thread 0.86-1.07).  Not
+    done, as measured slower: short rows (1.04-1.45: a tile's
+    output is 2 KiB), in place (1.3-2.1: out's lines are cached), log_softmax_backward (1.1-1.3:
+    its output pass reads p from memory); log_softmax's output was no faster."""
+    cdef floating space[STREAM_CHUNK + 16]      # (64 bytes or more to align: see align64)
+    cdef floating* buf = align64(&space[0])
+    cdef Py_ssize_t i = 0, m
+    while i < n:
+        m = STREAM_CHUNK if n - i > STREAM_CHUNK else n - i
+        row_output(OP_SOFTMAX_BACKWARD, p + i, g + i, buf, m, M, L, 1.0)
+        if floating is float:
+            cylsm_stream_f32(out + i, buf, m)
+        else:
+            cylsm_stream_f64(out + i, buf, m)
+        i += m
+
+
 cdef void row_outputs(int op, const floating* x, const floating* g, floating* out,
                       Py_ssize_t n, double M, double L, double S, int nt) noexcept nogil:
     """row_output for a row, by nt threads, superblock by superblock and last first: the
@@ -1460,6 +1495,24 @@ cdef void row_outputs(int op, const floating* x, const floating* g, floating* ou
         for k in range(ns - 1, -1, -1):
             row_output(op, x + k * SUPER, g + k * SUPER if per_element_g else g,
                        out + k * SUPER, super_len(n, k), M, L, S)
+
+
+cdef void streamed_row(const floating* g, const floating* p, floating* out, Py_ssize_t n,
+                       int nt) noexcept nogil:
+    """backward_row for softmax_backward, its output by streamed_output (each thread fences
+    its stores)."""
+    cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, kk
+    cdef double L
+    cdef double M = row_sum(g, p, n, nt, &L)
+    if nt > 1 and ns > 1:
+        for k in prange(ns, nogil=True, num_threads=nt, schedule="static"):
+            kk = ns - 1 - k
+            streamed_output(p + kk * SUPER, g + kk * SUPER, out + kk * SUPER,
+                            super_len(n, kk), M, L)
+            cylsm_stream_fence()
+    else:
+        for k in range(ns - 1, -1, -1):
+            streamed_output(p + k * SUPER, g + k * SUPER, out + k * SUPER, super_len(n, k), M, L)
 
 
 cdef void stats_cols(int op, const floating* x, const floating* g, floating* out,
@@ -1910,8 +1963,9 @@ cdef inline Py_ssize_t n_tasks(Py_ssize_t outer, Py_ssize_t inner, bint short_ro
 
 cdef void run_task(int op, const floating* x, const floating* g, floating* out,
                    Py_ssize_t outer, Py_ssize_t n, Py_ssize_t inner, bint short_rows,
-                   Py_ssize_t cw, Py_ssize_t t) noexcept nogil:
-    """Task t of run(): one row, one tile of short rows, or one block of cw columns."""
+                   Py_ssize_t cw, bint stream, Py_ssize_t t) noexcept nogil:
+    """Task t of run(): one row, one tile of short rows, or one block of cw columns (stream:
+    see streamed_output)."""
     cdef Py_ssize_t o, j0, r, w, nb
     cdef bint reduced = op == OP_LOGSUMEXP                  # out is (outer, inner)
     cdef bint per_row_g = op == OP_LOGSUMEXP_BACKWARD       # g is (outer, inner)
@@ -1937,6 +1991,8 @@ cdef void run_task(int op, const floating* x, const floating* g, floating* out,
         stats_short_rows(op, x + r * n, g + r if per_row_g else g,
                          out + r if reduced else out + r * n,
                          TILE if r + TILE <= outer else outer - r, n)
+    elif stream:
+        streamed_row(g + t * n, x + t * n, out + t * n, n, 1)
     elif backward:
         backward_row(op, g + t * n, x + t * n, out + t * n, n, 1)
     else:
@@ -1956,19 +2012,27 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
     if backward and inner > 1:
         cw = back_width(outer, inner, nt, sizeof(floating))
     cdef Py_ssize_t t, tasks = n_tasks(outer, inner, short_rows, cw)
+    cdef bint stream = (op == OP_SOFTMAX_BACKWARD and inner == 1 and not short_rows
+                        and CYLSM_STREAMING and outer * n * sizeof(floating) >= STREAM_BYTES
+                        and out != x and out != g)
     if nt > 1 and inner == 1 and outer < nt and n >= 2 * SUPER:
         for t in range(outer):      # few long rows: the threads share each row
-            if backward:
+            if stream:
+                streamed_row(g + t * n, x + t * n, out + t * n, n, nt)
+            elif backward:
                 backward_row(op, g + t * n, x + t * n, out + t * n, n, nt)
             else:
                 stats_row(op, x + t * n, g + t if op == OP_LOGSUMEXP_BACKWARD else g,
                           out + t if op == OP_LOGSUMEXP else out + t * n, n, nt)
     elif nt == 1 or tasks == 1:
         for t in range(tasks):
-            run_task(op, x, g, out, outer, n, inner, short_rows, cw, t)
+            run_task(op, x, g, out, outer, n, inner, short_rows, cw, stream, t)
     else:
-        for t in prange(tasks, nogil=True, num_threads=nt, schedule="static"):
-            run_task(op, x, g, out, outer, n, inner, short_rows, cw, t)
+        with nogil, parallel(num_threads=nt):
+            for t in prange(tasks, schedule="static"):
+                run_task(op, x, g, out, outer, n, inner, short_rows, cw, stream, t)
+            if stream:
+                cylsm_stream_fence()    # before the caller reads what this thread streamed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -530,6 +530,34 @@ def test_backward_column_blocks(lsm, shape, dtype):
             assert_array_equal(pair, one[:, :, [j, j]], err_msg=f"{name}: column {j}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2100, 1024), (8200, 257), (1, 2_200_000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_softmax_backward_streamed(lsm, shape, dtype):
+    """softmax_backward writes outputs of 8 MiB or more (rows; rows of 257, whose starts are
+    not vector-aligned; a long row the threads share) by streaming stores, into a separate out
+    only (streamed_output): the result is bitwise the in-place one (not streamed), at one and
+    two threads, also into an out shifted off the vector boundary, and within rounding of the
+    oracle."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    r = rng(shape[1])
+    x = (r.standard_normal(shape) * 3).astype(dtype)
+    g = r.standard_normal(shape).astype(dtype)
+    p = lsm.softmax(x)
+    in_place = g.copy()
+    lsm.softmax_backward(in_place, p, out=in_place)
+    rows = sorted({0, shape[0] // 2, shape[0] - 1})
+    check_softmax_backward(in_place[rows], g[rows], p[rows], -1, dtype)
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(threads):
+            dx = lsm.softmax_backward(g, p)
+            space = np.empty(g.size + 1, dtype)
+            shifted = space[1:].reshape(shape)      # 4 or 8 bytes past an aligned start
+            assert lsm.softmax_backward(g, p, out=shifted) is shifted
+        assert_array_equal(dx, in_place, err_msg=f"{threads} thread(s)")
+        assert_array_equal(shifted, in_place, err_msg=f"{threads} thread(s), shifted out")
+
+
 def softmax_grad_lines(lsm, n):
     """Four lines of n (g, p) for float32 softmax_backward: a normal one, one whose sum(g * p)
     is beyond float's range (1.5 FLT_MAX: p is not a softmax there; a float formula would give
