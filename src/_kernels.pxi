@@ -2033,6 +2033,8 @@ cdef void run(int op, const floating* x, const floating* g, floating* out,
                 run_task(op, x, g, out, outer, n, inner, short_rows, cw, stream, t)
             if stream:
                 cylsm_stream_fence()    # before the caller reads what this thread streamed
+    if stream:
+        cylsm_stream_fence()            # the calling thread's, for any thread it hands out to
 
 
 # ---------------------------------------------------------------------------------------------
