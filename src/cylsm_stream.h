@@ -21,51 +21,35 @@
 #define CYLSM_STREAMING 0
 #endif
 
-static inline void cylsm_stream_f32(float *d, const float *s, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-#if defined(__AVX512F__)
-    for (; i < n && ((uintptr_t)(d + i) & 63); i++)
-        d[i] = s[i];
-    for (; i + 16 <= n; i += 16)
-        _mm512_stream_ps(d + i, _mm512_loadu_ps(s + i));
-#elif defined(__AVX__)
-    for (; i < n && ((uintptr_t)(d + i) & 31); i++)
-        d[i] = s[i];
-    for (; i + 8 <= n; i += 8)
-        _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
-#elif CYLSM_STREAMING
-    for (; i < n && ((uintptr_t)(d + i) & 15); i++)
-        d[i] = s[i];
-    for (; i + 4 <= n; i += 4)
-        _mm_stream_ps(d + i, _mm_loadu_ps(s + i));
-#endif
-    for (; i < n; i++)
-        d[i] = s[i];
-}
+/* d[0:n] = s[0:n]: plain stores up to d's first ALIGN-byte boundary, then streaming stores
+ * of W elements, then plain stores for the last few. */
+#define CYLSM_STREAM_COPY(name, T, W, ALIGN, STORE, LOAD)                                   \
+    static inline void name(T *d, const T *s, ptrdiff_t n)                                  \
+    {                                                                                       \
+        ptrdiff_t i = 0;                                                                    \
+        for (; i < n && ((uintptr_t)(d + i) & (ALIGN - 1)); i++)                            \
+            d[i] = s[i];                                                                    \
+        for (; i + W <= n; i += W)                                                          \
+            STORE(d + i, LOAD(s + i));                                                      \
+        for (; i < n; i++)                                                                  \
+            d[i] = s[i];                                                                    \
+    }
 
-static inline void cylsm_stream_f64(double *d, const double *s, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
 #if defined(__AVX512F__)
-    for (; i < n && ((uintptr_t)(d + i) & 63); i++)
-        d[i] = s[i];
-    for (; i + 8 <= n; i += 8)
-        _mm512_stream_pd(d + i, _mm512_loadu_pd(s + i));
+CYLSM_STREAM_COPY(cylsm_stream_f32, float, 16, 64, _mm512_stream_ps, _mm512_loadu_ps)
+CYLSM_STREAM_COPY(cylsm_stream_f64, double, 8, 64, _mm512_stream_pd, _mm512_loadu_pd)
 #elif defined(__AVX__)
-    for (; i < n && ((uintptr_t)(d + i) & 31); i++)
-        d[i] = s[i];
-    for (; i + 4 <= n; i += 4)
-        _mm256_stream_pd(d + i, _mm256_loadu_pd(s + i));
+CYLSM_STREAM_COPY(cylsm_stream_f32, float, 8, 32, _mm256_stream_ps, _mm256_loadu_ps)
+CYLSM_STREAM_COPY(cylsm_stream_f64, double, 4, 32, _mm256_stream_pd, _mm256_loadu_pd)
 #elif CYLSM_STREAMING
-    for (; i < n && ((uintptr_t)(d + i) & 15); i++)
-        d[i] = s[i];
-    for (; i + 2 <= n; i += 2)
-        _mm_stream_pd(d + i, _mm_loadu_pd(s + i));
+CYLSM_STREAM_COPY(cylsm_stream_f32, float, 4, 16, _mm_stream_ps, _mm_loadu_ps)
+CYLSM_STREAM_COPY(cylsm_stream_f64, double, 2, 16, _mm_stream_pd, _mm_loadu_pd)
+#else
+#define CYLSM_PLAIN_STORE(d, v) (*(d) = (v))
+#define CYLSM_PLAIN_LOAD(s) (*(s))
+CYLSM_STREAM_COPY(cylsm_stream_f32, float, 1, 1, CYLSM_PLAIN_STORE, CYLSM_PLAIN_LOAD)
+CYLSM_STREAM_COPY(cylsm_stream_f64, double, 1, 1, CYLSM_PLAIN_STORE, CYLSM_PLAIN_LOAD)
 #endif
-    for (; i < n; i++)
-        d[i] = s[i];
-}
 
 static inline void cylsm_stream_fence(void)
 {
