@@ -28,7 +28,8 @@ allows it, within 1.5 units of 2^-24 of its terms (see log_softmax_grad_float).
 
 Memory: a long row's output pass walks its superblocks last first (those the statistics pass
 read last are still cached); softmax and logsumexp_backward rows up to KEEP_BYTES, and short
-rows, store the exps of the sum pass and rescale them instead of a second exp.
+rows, store the exps of the sum pass and rescale them instead of a second exp; softmax_backward
+writes outputs of STREAM_BYTES or more past the cache (streamed_output).
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport log1p, log, fabs, fma, fmaf, copysign, INFINITY, NAN
@@ -1461,9 +1462,9 @@ cdef void streamed_output(const floating* p, const floating* g, floating* out, P
     pass reads p and g from the cache (its sum pass read them), so the output's lines are the
     one stream to memory it can save (rows of 1024 to 262144 and one long row, both dtypes, 1
     and 2 threads: 0.75-0.95 of the time; float64 rows of 1024 at one thread 0.86-1.07).  Not
-    done, as measured slower: short rows (1.04-1.45: a tile's
-    output is 2 KiB), in place (1.3-2.1: out's lines are cached), log_softmax_backward (1.1-1.3:
-    its output pass reads p from memory); log_softmax's output was no faster."""
+    done, as measured slower: short rows (1.04-1.45: a tile's output is 2 KiB), in place
+    (1.3-2.1: out's lines are cached), log_softmax_backward (1.1-1.3: its output pass reads p
+    from memory); log_softmax's output was no faster."""
     cdef floating space[STREAM_CHUNK + 16]      # (64 bytes or more to align: see align64)
     cdef floating* buf = align64(&space[0])
     cdef Py_ssize_t i = 0, m
