@@ -1500,8 +1500,8 @@ cdef void row_outputs(int op, const floating* x, const floating* g, floating* ou
 
 cdef void streamed_row(const floating* g, const floating* p, floating* out, Py_ssize_t n,
                        int nt) noexcept nogil:
-    """backward_row for softmax_backward, its output by streamed_output (each thread fences
-    its stores)."""
+    """backward_row for softmax_backward, its output by streamed_output (with threads, each
+    fences its stores after each superblock; run() fences the calling thread's)."""
     cdef Py_ssize_t ns = (n + SUPER - 1) // SUPER, k, kk
     cdef double L
     cdef double M = row_sum(g, p, n, nt, &L)

@@ -3,7 +3,7 @@
  *
  * A plain store to memory that is not cached first reads the line it writes into (a read
  * for ownership): softmax_backward over 4096 x 1024 float64 moved four arrays' worth of
- * bytes for its three.  A streaming store writes whole lines without reading them: 0.75-0.9
+ * bytes for its three.  A streaming store writes whole lines without reading them: 0.75-0.95
  * of the time for outputs too big to stay in cache.  The destination need not be aligned:
  * the elements up to its first vector-aligned one, and the last few, are plain stores.
  * Streaming stores are weakly ordered: a thread that streamed calls cylsm_stream_fence before
